@@ -1,0 +1,281 @@
+"""Typed, frozen configuration built from ``params.yaml`` sections.
+
+Nothing here is global: a config object is built once and passed explicitly to the model, the
+optimisers and the training loop. Key names of :class:`ModelConfig` are the original's ``arch``
+keys (SPEC section 1.2), so users of the original recognise them; keys beyond the original
+(``image_size``, ``fg_width``, ``bg_width``) default to values that give exactly the original
+architecture.
+
+Every user mistake raises a ``ValueError`` naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ALLOWED_G = (4, 8, 16)
+ALLOWED_WIDTHS = (0.25, 0.5, 1.0, 2.0)
+ALLOWED_GLIMPSE_SIZES = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and prior settings (the original's ``arch`` node, plus a few extensions)."""
+
+    # Extensions beyond the original; their defaults give the original architecture.
+    image_size: int = 128  # square images; a power of two and a multiple of 16
+    fg_width: float = 1.0  # channel multiplier of the foreground networks
+    bg_width: float = 1.0  # channel multiplier of the heavy background networks
+    # Foreground (SPEC 1.2).
+    G: int = 8
+    fg_sigma: float = 0.15
+    glimpse_size: int = 32
+    img_enc_dim_fg: int = 128
+    z_what_dim: int = 32
+    z_pres_start_step: int = 4000
+    z_pres_end_step: int = 10000
+    z_pres_start_value: float = 0.1
+    z_pres_end_value: float = 0.01
+    z_scale_mean_start_step: int = 10000
+    z_scale_mean_end_step: int = 20000
+    z_scale_mean_start_value: float = -1.0
+    z_scale_mean_end_value: float = -2.0
+    z_scale_std_value: float = 0.1
+    tau_start_step: int = 0
+    tau_end_step: int = 10000
+    tau_start_value: float = 2.5
+    tau_end_value: float = 2.5
+    boundary_loss: bool = True
+    bl_off_step: int = 100_000_000
+    fix_alpha_steps: int = 0
+    fix_alpha_value: float = 0.1
+    # Background (SPEC 1.2).
+    K: int = 5
+    bg_sigma: float = 0.15
+    img_enc_dim_bg: int = 64
+    z_mask_dim: int = 32
+    z_comp_dim: int = 32
+    rnn_mask_hidden_dim: int = 64
+    rnn_mask_prior_hidden_dim: int = 64
+    predict_comp_hidden_dim: int = 64
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        s = self.image_size
+        if s < 16 or s % 16 or s & (s - 1):
+            _bad("model.image_size", s, "a power of two that is a multiple of 16 (16, 32, 64, 128, 256, ...)")
+        if self.G not in ALLOWED_G:
+            _bad("model.G", self.G, f"one of {ALLOWED_G}")
+        factor = s // self.G
+        if s % self.G or factor not in (8, 16, 32):
+            _bad("model.G", self.G,
+                 f"a grid whose cells are 8, 16 or 32 pixels wide at image_size {s} "
+                 f"(G in {[g for g in ALLOWED_G if s // g in (8, 16, 32) and s % g == 0]})")
+        if self.glimpse_size not in ALLOWED_GLIMPSE_SIZES:
+            _bad("model.glimpse_size", self.glimpse_size, f"one of {ALLOWED_GLIMPSE_SIZES}")
+        for key in ("fg_width", "bg_width"):
+            if getattr(self, key) not in ALLOWED_WIDTHS:
+                _bad(f"model.{key}", getattr(self, key), f"one of {ALLOWED_WIDTHS}")
+        if self.K < 1:
+            _bad("model.K", self.K, "an integer >= 1")
+        for key in ("fg_sigma", "bg_sigma", "z_scale_std_value", "tau_start_value", "tau_end_value"):
+            value = getattr(self, key)
+            if not (value > 0 and math.isfinite(value)):
+                _bad(f"model.{key}", value, "a finite number > 0")
+        for key in ("z_pres_start_value", "z_pres_end_value"):
+            value = getattr(self, key)
+            if not 0 < value < 1:
+                _bad(f"model.{key}", value, "a probability strictly between 0 and 1")
+        if not 0 <= self.fix_alpha_value <= 1:
+            _bad("model.fix_alpha_value", self.fix_alpha_value, "a number in [0, 1]")
+        for key in ("img_enc_dim_fg", "z_what_dim", "img_enc_dim_bg", "z_mask_dim", "z_comp_dim",
+                    "rnn_mask_hidden_dim", "rnn_mask_prior_hidden_dim", "predict_comp_hidden_dim"):
+            if getattr(self, key) < 1:
+                _bad(f"model.{key}", getattr(self, key), "an integer >= 1")
+        if self.img_enc_dim_fg % 16:
+            _bad("model.img_enc_dim_fg", self.img_enc_dim_fg, "a multiple of 16 (GroupNorm(16, .))")
+        for prefix in ("z_pres", "z_scale_mean", "tau"):
+            start, end = getattr(self, f"{prefix}_start_step"), getattr(self, f"{prefix}_end_step")
+            if start < 0 or end < start:
+                _bad(f"model.{prefix}_end_step", end, f"an integer >= {prefix}_start_step ({start}) >= 0")
+        for key in ("bl_off_step", "fix_alpha_steps"):
+            if getattr(self, key) < 0:
+                _bad(f"model.{key}", getattr(self, key), "an integer >= 0")
+
+    @property
+    def num_cells(self) -> int:
+        return self.G * self.G
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and loop settings (the original's ``train`` node, SPEC 1.1 and 8)."""
+
+    seed: int = 8848
+    batch_size: int = 16
+    max_steps: int = 1_000_000
+    max_epochs: int = 1000
+    clip_norm: float = 1.0  # 0 disables clipping
+    fg_optim: str = "RMSprop"
+    fg_lr: float = 1e-5
+    bg_optim: str = "Adam"
+    bg_lr: float = 1e-3
+    max_ckpt: int = 5
+    print_every: int = 500
+    save_every: int = 1000
+    eval_every: int = 1000
+    eval_on: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for key in ("fg_optim", "bg_optim"):
+            if getattr(self, key) not in OPTIMIZERS:
+                _bad(f"train.{key}", getattr(self, key), f"one of {sorted(OPTIMIZERS)}")
+        for key in ("fg_lr", "bg_lr"):
+            if not getattr(self, key) > 0:
+                _bad(f"train.{key}", getattr(self, key), "a learning rate > 0")
+        if self.clip_norm < 0:
+            _bad("train.clip_norm", self.clip_norm, "a number >= 0 (0 disables clipping)")
+        for key in ("batch_size", "max_ckpt", "print_every", "save_every", "eval_every", "max_epochs"):
+            if getattr(self, key) < 1:
+                _bad(f"train.{key}", getattr(self, key), "an integer >= 1")
+        if self.max_steps < 0:
+            _bad("train.max_steps", self.max_steps, "an integer >= 0")
+        if self.num_workers < 0:
+            _bad("train.num_workers", self.num_workers, "an integer >= 0")
+
+
+OPTIMIZERS = ("Adam", "RMSprop", "SGD", "AdamW")
+
+
+def _bad(key: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"invalid value for '{key}': {value!r}; allowed: {allowed}")
+
+
+def _check_types(cfg: Any) -> None:
+    """Check each field's type (ints may stand for floats; bools are not ints)."""
+    section = _SECTION[type(cfg).__name__]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
+                                                        "str": str}[f.type]
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, kind))
+        if not ok:
+            _bad(f"{section}.{f.name}", value, f"a value of type {kind.__name__}")
+        if kind is float:
+            object.__setattr__(cfg, f.name, float(value))
+
+
+_SECTION = {"ModelConfig": "model", "TrainConfig": "train"}
+
+
+def from_dict(cls: type, values: Mapping[str, Any] | None, section: str | None = None):
+    """Build a frozen config of type ``cls`` from a mapping, rejecting unknown keys."""
+    values = dict(values or {})
+    section = section or _SECTION[cls.__name__]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in '{section}': {', '.join(unknown)}; "
+                         f"allowed keys: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict form of a config (stored in our checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: Any, **changes: Any):
+    """A copy of a frozen config with some keys changed (validated like the original)."""
+    return from_dict(type(cfg), {**to_dict(cfg), **changes})
+
+
+# The five configurations of the original repository (SPEC section 2): model and train
+# values that differ from the defaults above.
+ORIGINAL_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "3d_room_large": {
+        "model": dict(G=16, fg_sigma=0.15, z_pres_start_step=4000, z_pres_end_step=10000,
+                      z_pres_start_value=0.1, z_pres_end_value=0.01,
+                      z_scale_mean_start_step=10000, z_scale_mean_end_step=20000,
+                      z_scale_mean_start_value=-1.0, z_scale_mean_end_value=-2.0,
+                      tau_start_step=0, tau_end_step=20000, tau_start_value=2.5, tau_end_value=0.5,
+                      boundary_loss=True, bl_off_step=100000, fix_alpha_steps=0, fix_alpha_value=0.1,
+                      K=5, bg_sigma=0.15),
+        "train": dict(seed=8848, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=True),
+    },
+    "3d_room_small": {
+        "model": dict(G=8, fg_sigma=0.15, z_pres_start_step=4000, z_pres_end_step=10000,
+                      z_pres_start_value=0.1, z_pres_end_value=0.01,
+                      z_scale_mean_start_step=10000, z_scale_mean_end_step=20000,
+                      z_scale_mean_start_value=-1.0, z_scale_mean_end_value=-2.0,
+                      tau_start_step=0, tau_end_step=20000, tau_start_value=2.5, tau_end_value=0.5,
+                      boundary_loss=True, bl_off_step=100000, fix_alpha_steps=0, fix_alpha_value=0.1,
+                      K=5, bg_sigma=0.15),
+        "train": dict(seed=1, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=True),
+    },
+    "atari_spaceinvaders": {
+        "model": dict(G=16, fg_sigma=0.20, z_pres_start_step=4000, z_pres_end_step=10000,
+                      z_pres_start_value=0.1, z_pres_end_value=0.01,
+                      z_scale_mean_start_step=0, z_scale_mean_end_step=20000,
+                      z_scale_mean_start_value=-2.2, z_scale_mean_end_value=-2.5,
+                      z_scale_std_value=0.2,
+                      tau_start_step=0, tau_end_step=20000, tau_start_value=2.5, tau_end_value=0.1,
+                      boundary_loss=False, fix_alpha_steps=2000, fix_alpha_value=0.2,
+                      K=3, bg_sigma=0.10),
+        "train": dict(seed=1, batch_size=12, max_steps=100000, max_ckpt=4, eval_on=False),
+    },
+    "atari_riverraid": {
+        "model": dict(G=16, fg_sigma=0.20, z_pres_start_step=4000, z_pres_end_step=10000,
+                      z_pres_start_value=0.1, z_pres_end_value=0.01,
+                      z_scale_mean_start_step=0, z_scale_mean_end_step=20000,
+                      z_scale_mean_start_value=-2.0, z_scale_mean_end_value=-2.5,
+                      tau_start_step=0, tau_end_step=20000, tau_start_value=2.5, tau_end_value=0.1,
+                      boundary_loss=False, fix_alpha_steps=4000, fix_alpha_value=0.05,
+                      K=4, bg_sigma=0.10),
+        "train": dict(seed=3, batch_size=12, max_steps=100000, max_ckpt=4, eval_on=False),
+    },
+    "atari_joint": {
+        "model": dict(G=16, fg_sigma=0.20, z_pres_start_step=10000, z_pres_end_step=15000,
+                      z_pres_start_value=0.1, z_pres_end_value=1e-10,
+                      z_scale_mean_start_step=0, z_scale_mean_end_step=20000,
+                      z_scale_mean_start_value=-2.0, z_scale_mean_end_value=-2.5,
+                      tau_start_step=0, tau_end_step=10000, tau_start_value=2.5, tau_end_value=2.5,
+                      boundary_loss=False, fix_alpha_steps=4000, fix_alpha_value=0.1,
+                      K=3, bg_sigma=0.10),
+        "train": dict(seed=1, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=False),
+    },
+}
+
+
+def original_config(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """Model and train configs of one of the original's five experiments, by name."""
+    if name not in ORIGINAL_CONFIGS:
+        raise ValueError(f"unknown original configuration {name!r}; "
+                         f"allowed: {', '.join(ORIGINAL_CONFIGS)}")
+    entry = ORIGINAL_CONFIGS[name]
+    return from_dict(ModelConfig, entry["model"]), from_dict(TrainConfig, entry["train"])
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """Read a params.yaml file into a dict, with a clear error naming the file when it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a mapping of sections at the top level, got {type(params).__name__}")
+    return params
