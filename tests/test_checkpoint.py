@@ -1,0 +1,110 @@
+import pickle
+
+import pytest
+import torch
+
+import space
+from conftest import ORIGINAL_NAMES, reference_state_dict
+from space.checkpoint import CheckpointError, load_original_checkpoint, read_checkpoint, save_checkpoint
+from space.model import build_model, build_optimizers
+
+
+def synthesise_original(name: str, path) -> dict:
+    """An original-format checkpoint: random tensors with the reference keys and shapes."""
+    ref = reference_state_dict(name)
+    state = {}
+    for key, shape in ref["state_dict"].items():
+        state[key] = (torch.randint(0, 1000, shape) if key.endswith("num_batches_tracked")
+                      else torch.randn(shape))
+    model = build_model(name)
+    fg, bg = build_optimizers(model)
+    ckpt = {"model": state, "optimizer_fg": fg.state_dict(), "optimizer_bg": bg.state_dict(),
+            "epoch": 3, "global_step": 8000}
+    # the original's files were written by PyTorch 1.3: the legacy (non-zip) format
+    torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+    return state
+
+
+@pytest.mark.parametrize("name", ORIGINAL_NAMES)
+def test_original_checkpoint_loads_every_key(name, tmp_path):
+    path = tmp_path / f"{name}.pth"
+    state = synthesise_original(name, path)
+    model = build_model(name)
+    ckpt = load_original_checkpoint(path, model)
+    assert ckpt["global_step"] == 8000 and ckpt["epoch"] == 3
+    loaded = model.state_dict()
+    assert list(loaded) == list(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
+    # the optimiser states load into our optimisers (same parameter order)
+    fg, bg = build_optimizers(model)
+    fg.load_state_dict(ckpt["optimizer_fg"])
+    bg.load_state_dict(ckpt["optimizer_bg"])
+    # space.load names the config after the file stem, as the pretrained files are named
+    assert space.load(path).cfg == model.cfg
+
+
+def test_wrong_shape_missing_and_extra_keys_are_listed_in_one_error(tmp_path):
+    path = tmp_path / "3d_room_small.pth"
+    state = synthesise_original("3d_room_small", path)
+    state["fg_module.img_encoder.offset"] = torch.zeros(2, 16, 16)  # a G=16 checkpoint
+    state["fg_module.extra.weight"] = torch.zeros(1)
+    del state["bg_module.z_mask_0"]
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_original_checkpoint(path, build_model("3d_room_small"))
+    message = str(error.value)
+    assert str(path) in message and "G=8, K=5" in message
+    assert "1 missing keys:\n    bg_module.z_mask_0" in message
+    assert "1 unexpected keys:\n    fg_module.extra.weight" in message
+    assert "fg_module.img_encoder.offset: checkpoint (2, 16, 16), model (2, 8, 8)" in message
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    path = tmp_path / "atari.pth"
+    synthesise_original("3d_room_small", path)  # G = 8; K > 1 does not change any shape
+    with pytest.raises(CheckpointError, match=r"1 shape mismatches:\n    fg_module.img_encoder.offset"):
+        load_original_checkpoint(path, build_model("atari_spaceinvaders"))
+
+
+def test_not_a_checkpoint_and_pickled_code_are_refused(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.pth: not a PyTorch checkpoint"):
+        read_checkpoint(text)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "x": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="evil.pth: refused: the file carries pickled code"):
+        read_checkpoint(evil)
+    other = tmp_path / "list.pth"
+    torch.save([1, 2], other)
+    with pytest.raises(CheckpointError, match="not a SPACE checkpoint"):
+        read_checkpoint(other)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_our_checkpoint_carries_its_config(tmp_path):
+    cfg = space.ModelConfig(image_size=64, G=4, K=2, bg_width=0.5, glimpse_size=16)
+    model = space.Space(cfg)
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, model, build_optimizers(model), step=12, epoch=1)
+    loaded = space.load(path)
+    assert loaded.cfg == cfg and not loaded.training
+    for (key, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert read_checkpoint(path)["global_step"] == 12
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary left behind
+
+
+def test_original_checkpoint_without_a_name_asks_for_one(tmp_path):
+    path = tmp_path / "weights.pth"
+    synthesise_original("3d_room_small", path)
+    with pytest.raises(CheckpointError, match="carries no config; name its configuration"):
+        space.load(path)
+    assert space.load(path, original="3d_room_small").cfg.G == 8

@@ -1,0 +1,58 @@
+import pytest
+
+from space.config import ModelConfig, TrainConfig, from_dict, original_config, replace
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("G", 5, "one of (4, 8, 16)"),
+    ("image_size", 100, "multiple of 16"),
+    ("K", 0, ">= 1"),
+    ("fg_sigma", -0.1, "> 0"),
+    ("bg_sigma", 0.0, "> 0"),
+    ("z_pres_end_value", 1.5, "probability"),
+    ("bg_width", 0.3, "one of"),
+    ("glimpse_size", 24, "one of"),
+])
+def test_invalid_model_values_name_key_value_and_allowed(key, value, words):
+    with pytest.raises(ValueError) as error:
+        from_dict(ModelConfig, {key: value})
+    message = str(error.value)
+    assert f"model.{key}" in message and repr(value) in message and words in message
+
+
+def test_unknown_key_is_named_with_allowed_keys():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in 'model': grid_sise; allowed keys: .*G"):
+        from_dict(ModelConfig, {"grid_sise": 8})
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ValueError, match=r"'model.G': '8'.*type int"):
+        from_dict(ModelConfig, {"G": "8"})
+    with pytest.raises(ValueError, match=r"'train.eval_on'"):
+        from_dict(TrainConfig, {"eval_on": "yes"})
+
+
+def test_grid_must_fit_image_size():
+    with pytest.raises(ValueError, match=r"model.G.*image_size 64"):
+        ModelConfig(image_size=64, G=16)
+    assert ModelConfig(image_size=64, G=8).num_cells == 64
+
+
+def test_configs_are_frozen_and_replace_validates():
+    cfg = ModelConfig()
+    with pytest.raises(Exception):
+        cfg.G = 16
+    assert replace(cfg, G=16).G == 16
+    with pytest.raises(ValueError):
+        replace(cfg, K=-1)
+
+
+def test_original_configs_carry_the_originals_values():
+    model, train = original_config("atari_spaceinvaders")
+    assert (model.G, model.K, model.fg_sigma, model.bg_sigma) == (16, 3, 0.2, 0.1)
+    assert (model.z_scale_std_value, model.fix_alpha_steps, model.fix_alpha_value) == (0.2, 2000, 0.2)
+    assert (train.seed, train.batch_size, train.max_steps) == (1, 12, 100000)
+    model, _ = original_config("atari_joint")
+    assert model.z_pres_end_value == 1e-10 and model.tau_end_value == 2.5
+    with pytest.raises(ValueError, match="unknown original configuration 'atari'"):
+        original_config("atari")

@@ -1,0 +1,30 @@
+import torch
+
+from space.config import ModelConfig
+from space.fg import BOUNDARY_VALUE, SpaceFg, boundary_kernel
+
+
+def test_boundary_kernel_by_hand():
+    kernel = boundary_kernel(32, 6)
+    # a ring 6 px wide: rows/columns 0-5 and 26-31 are 1/1024, the inner 20 x 20 block is 0
+    assert kernel[0, 0] == kernel[5, 17] == kernel[31, 26] == BOUNDARY_VALUE == 1 / 1024
+    assert kernel[6:26, 6:26].abs().sum() == 0
+    assert kernel[6, 5] == 1 / 1024 and kernel[6, 6] == 0
+    assert (kernel > 0).sum() == 32 * 32 - 20 * 20  # 624 ring pixels
+
+
+def test_legacy_boundary_filter_is_frozen_with_the_originals_values():
+    fg = SpaceFg(ModelConfig())
+    weight = fg.boundary_filter.weight
+    assert not weight.requires_grad and weight.shape == (1, 1, 32, 32)
+    assert weight[0, 0, 6, 6] == 1 / 1024 and weight[0, 0, 25, 25] == 1 / 1024
+    assert weight[0, 0, 5, 6] == -1 / 1024 and weight[0, 0, 26, 26] == -1 / 1024
+    # it is the last of the fg parameters, as its index matters for optimiser state (SPEC 13.2)
+    assert list(fg.parameters())[-1] is weight and len(list(fg.parameters())) == 119
+
+
+def test_offset_buffer_is_column_then_row():
+    fg = SpaceFg(ModelConfig(G=4, image_size=128))
+    offset = fg.img_encoder.offset
+    assert offset.shape == (2, 4, 4)
+    assert offset[0, 1, 3] == 3 and offset[1, 1, 3] == 1  # (x = column, y = row)

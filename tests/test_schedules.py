@@ -1,0 +1,27 @@
+from space.config import ModelConfig
+from space.schedules import EVAL_STEP, final_priors, linear_anneal, priors_at
+
+
+def test_linear_anneal_boundaries():
+    # start value up to and including start_step, end value from end_step on
+    assert linear_anneal(0, 10, 20, 1.0, 3.0) == 1.0
+    assert linear_anneal(10, 10, 20, 1.0, 3.0) == 1.0
+    assert linear_anneal(11, 10, 20, 1.0, 3.0) == 1.2  # 1 + (3 - 1) / 10 * 1
+    assert linear_anneal(15, 10, 20, 1.0, 3.0) == 2.0
+    assert linear_anneal(20, 10, 20, 1.0, 3.0) == 3.0
+    assert linear_anneal(10**9, 10, 20, 1.0, 3.0) == 3.0
+    # start_step == end_step: a step function at that step
+    assert linear_anneal(5, 5, 5, 1.0, 3.0) == 1.0 and linear_anneal(6, 5, 5, 1.0, 3.0) == 3.0
+
+
+def test_priors_follow_the_originals_switches():
+    cfg = ModelConfig(fix_alpha_steps=4000, fix_alpha_value=0.1, bl_off_step=100)
+    assert priors_at(cfg, 0).fix_alpha is None  # step 0 is never fixed (truthiness test)
+    assert priors_at(cfg, 1).fix_alpha == 0.1
+    assert priors_at(cfg, 3999).fix_alpha == 0.1 and priors_at(cfg, 4000).fix_alpha is None
+    assert priors_at(cfg, 100).boundary_loss and not priors_at(cfg, 101).boundary_loss  # strict '>'
+    final = final_priors(cfg)
+    assert final.step == EVAL_STEP and final.tau == cfg.tau_end_value
+    assert final.z_pres_prob == cfg.z_pres_end_value and final.z_scale_mean == cfg.z_scale_mean_end_value
+    # z_pres schedule of 3d_room_*: 0.1 -> 0.01 over steps 4000..10000
+    assert abs(priors_at(ModelConfig(), 7000).z_pres_prob - 0.055) < 1e-12
