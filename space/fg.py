@@ -208,19 +208,19 @@ class SpaceFg(nn.Module):
 
         # 2. Crop a glimpse per cell and encode it.
         x_repeat = torch.repeat_interleave(x, N, dim=0)  # (B*N, 3, H, W): row b*N + n is cell n of image b
-        glimpses = crop_glimpses(x_repeat, z_where.view(B * N, 4), h)  # (B*N, 3, h, w)
+        glimpses = crop_glimpses(x_repeat, z_where.reshape(B * N, 4), h)  # (B*N, 3, h, w)
         z_what_mean, z_what_std = self.z_what_net(glimpses)
         z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
 
         # 3. Decode glimpses.
         o_att, alpha_att = self.glimpse_dec(z_what)  # (B*N, 3, h, w), (B*N, 1, h, w)
-        alpha_att_hat = alpha_att * z_pres.view(B * N, 1, 1, 1)
+        alpha_att_hat = alpha_att * z_pres.reshape(B * N, 1, 1, 1)
         y_att = alpha_att_hat * o_att
-        importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.view(B * N, 1, 1, 1))
+        importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))
 
         # 4. Compose: paste every cell to full resolution, softmax of importance over all N cells
         # (cells not covering a pixel still count, each with exp(0) = 1; SPEC 4.5).
-        where = z_where.view(B * N, 4)
+        where = z_where.reshape(B * N, 4)
         importance_full = paste_glimpses(importance, where, H).view(B, N, 1, H, H)
         weights = torch.softmax(importance_full, dim=1)  # (B, N, 1, H, W)
         y_full = paste_glimpses(y_att, where, H).view(B, N, 3, H, H)
@@ -230,7 +230,7 @@ class SpaceFg(nn.Module):
 
         # 5. Boundary loss (SPEC 4.6).
         if priors.boundary_loss:
-            kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.view(B * N, 1, 1, 1)
+            kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.reshape(B * N, 1, 1, 1)
             boundary_map = paste_glimpses(kernel, where, H).view(B, N, 1, H, H).sum(1) * BOUNDARY_SCALE
             overlap = boundary_map * alpha_map
             boundary_loss = -normal_log_prob(overlap, torch.zeros_like(overlap), BOUNDARY_STD).flatten(1).sum(1)
