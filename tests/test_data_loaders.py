@@ -1,0 +1,289 @@
+"""Tests of the datasets (space/data/datasets.py) on small fixtures made here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from space.data.datasets import AtariDataset, FolderDataset, Obj3dDataset, read_box_file
+
+
+def save(path: Path, array: np.ndarray, mode: str | None = None, **params) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if mode:
+        image = image.convert(mode)
+    image.save(path, **params)
+    return array
+
+
+def noise(rng: np.random.Generator, h: int, w: int, c: int = 3) -> np.ndarray:
+    shape = (h, w, c) if c > 1 else (h, w)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+# --- OBJ3D ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def obj3d(tmp_path: Path) -> Path:
+    """OBJ3D layout: 12 val images (index order differs from string order), boxes, distractors."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "OBJ3D_SMALL"
+    for split, n in (("train", 3), ("val", 12), ("test", 2)):
+        for i in range(n):
+            ext = "jpg" if (split, i) == ("val", 5) else "png"
+            save(root / split / f"{i}-obj.{ext}", noise(rng, 128, 128))
+            bb = root / split / "bb" / f"bb_{i}.txt"
+            bb.parent.mkdir(exist_ok=True)
+            bb.write_text(f"{10 + i},20,8,4\n\n30.5,40.5,3,5\n" if i != 2 else "")
+    (root / "val" / "notes.png.txt").write_text("not an image despite 'png' in the name")
+    (root / "val" / "._0-obj.png").write_bytes(b"macOS resource fork")
+    return root
+
+
+def test_obj3d_order_values_and_boxes(obj3d: Path) -> None:
+    dataset = Obj3dDataset(obj3d, "val")
+    assert len(dataset) == 12 and dataset.has_boxes
+    assert [p.name for p in dataset.paths][:3] == ["0-obj.png", "1-obj.png", "2-obj.png"]
+    assert dataset.paths[10].name == "10-obj.png"
+    image = dataset[11]
+    assert image.shape == (3, 128, 128) and image.dtype == torch.float32
+    expected = np.asarray(Image.open(obj3d / "val" / "11-obj.png")).transpose(2, 0, 1) / np.float32(255)
+    np.testing.assert_array_equal(image.numpy(), expected)
+    assert 0.0 <= float(dataset[5].min()) and float(dataset[5].max()) <= 1.0  # the jpg
+    boxes = dataset.boxes(1)
+    assert boxes.dtype == np.float32
+    np.testing.assert_allclose(boxes, np.array([[18, 22, 7, 15], [38, 43, 29, 32]]) / 128)
+    assert dataset.boxes(2).shape == (0, 4)  # empty file: no objects
+    # float64 reproduces the original evaluator's read_boxes exactly.
+    assert dataset.boxes(1, dtype=np.float64)[1, 0] == (40.5 - 5 / 2.0) / 128
+
+
+def test_obj3d_resize_and_non_square_crop(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    root = tmp_path / "rooms"
+    wide = save(root / "test" / "0-a.png", noise(rng, 64, 80))
+    dataset = Obj3dDataset(root, "test", image_size=64, with_boxes=False)
+    np.testing.assert_array_equal(dataset[0].numpy(), wide[:, 8:72].transpose(2, 0, 1) / np.float32(255))
+    small = Obj3dDataset(root, "test", image_size=32, with_boxes=False)[0]
+    assert small.shape == (3, 32, 32)
+    resized = Image.fromarray(wide).resize((40, 32), Image.Resampling.BILINEAR).crop((4, 0, 36, 32))
+    np.testing.assert_array_equal(small.numpy(), np.asarray(resized).transpose(2, 0, 1) / np.float32(255))
+
+
+def test_obj3d_rgba_and_gray_are_converted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    root = tmp_path / "rooms"
+    rgba = save(root / "val" / "0-a.png", noise(rng, 16, 16, 4))
+    gray = save(root / "val" / "1-a.png", noise(rng, 16, 16, 1))
+    dataset = Obj3dDataset(root, "val", image_size=16, with_boxes=False)
+    np.testing.assert_array_equal(dataset[0].numpy(), rgba[..., :3].transpose(2, 0, 1) / np.float32(255))
+    assert torch.equal(dataset[1][0], dataset[1][2]) and torch.allclose(dataset[1][0], torch.from_numpy(gray / 255).float())
+
+
+def test_obj3d_box_pixel_size_from_meta(obj3d: Path) -> None:
+    (obj3d / "meta.json").write_text(json.dumps({"image_size": 64}))
+    assert Obj3dDataset(obj3d, "val").box_pixel_size == 64
+    np.testing.assert_allclose(Obj3dDataset(obj3d, "val").boxes(0)[0], np.array([18, 22, 6, 14]) / 64)
+    assert Obj3dDataset(obj3d, "val", box_pixel_size=128).box_pixel_size == 128
+
+
+def test_obj3d_missing_root_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as error:
+        Obj3dDataset(tmp_path / "OBJ3D_SMALL", "val")
+    message = str(error.value)
+    assert "OBJ3D_SMALL" in message and "dvc repro" in message
+    assert "https://drive.google.com/open?id=18Ta1sWCyprv0QPGMUOMMPFWac8KFICMN" in message
+    assert "OBJ3D_SMALL.tar.gz" in message
+    with pytest.raises(FileNotFoundError, match="generate_rooms"):
+        Obj3dDataset(tmp_path / "ROOMS", "val")
+
+
+def test_obj3d_split_errors(obj3d: Path) -> None:
+    with pytest.raises(ValueError, match="Unknown split"):
+        Obj3dDataset(obj3d, "validation")
+    for p in (obj3d / "test").glob("*.png"):
+        p.unlink()
+    with pytest.raises(ValueError, match=r"No images .* in .*test"):
+        Obj3dDataset(obj3d, "test")
+
+
+def test_obj3d_corrupt_and_truncated_images(obj3d: Path) -> None:
+    (obj3d / "val" / "3-obj.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = (obj3d / "val" / "4-obj.png").read_bytes()
+    (obj3d / "val" / "4-obj.png").write_bytes(data[: len(data) // 2])
+    dataset = Obj3dDataset(obj3d, "val")
+    for i in (3, 4):
+        with pytest.raises(ValueError, match=rf"{i}-obj\.png.*corrupt or truncated"):
+            dataset[i]
+
+
+def test_obj3d_box_file_errors(obj3d: Path) -> None:
+    (obj3d / "val" / "bb" / "bb_7.txt").write_text("1,2,3,4\n1,2,3\n")
+    with pytest.raises(ValueError, match=r"bb_7\.txt, line 2"):
+        Obj3dDataset(obj3d, "val").boxes(7)
+    (obj3d / "val" / "bb" / "bb_7.txt").write_text("1,2,3,four\n")
+    with pytest.raises(ValueError, match=r"bb_7\.txt, line 1.*'1,2,3,four'"):
+        Obj3dDataset(obj3d, "val").boxes(7)
+    (obj3d / "val" / "bb" / "bb_9.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"bb_9\.txt is missing"):
+        Obj3dDataset(obj3d, "val")
+    images_only = Obj3dDataset(obj3d, "val", with_boxes=False)
+    assert not images_only.has_boxes and len(images_only) == 12
+    with pytest.raises(ValueError, match="with_boxes=False"):
+        images_only.boxes(0)
+
+
+def test_obj3d_missing_box_folder_and_bad_names(obj3d: Path) -> None:
+    for p in (obj3d / "train" / "bb").iterdir():
+        p.unlink()
+    (obj3d / "train" / "bb").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"train.bb does not exist.*with_boxes=False"):
+        Obj3dDataset(obj3d, "train")
+    save(obj3d / "train" / "room.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"room\.png does not start with '<index>-'"):
+        Obj3dDataset(obj3d, "train", with_boxes=False)
+
+
+def test_read_box_file_matches_original_formula(tmp_path: Path) -> None:
+    path = tmp_path / "bb_0.txt"
+    path.write_text("64.5,30,21,17\n")
+    y_min, y_max, x_min, x_max = read_box_file(path, 128)[0]
+    assert (y_min, y_max, x_min, x_max) == ((30 - 17 / 2.0) / 128, (30 + 17 / 2.0) / 128,
+                                            (64.5 - 21 / 2.0) / 128, (64.5 + 21 / 2.0) / 128)
+
+
+# --- Atari ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def atari(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(3)
+    root = tmp_path / "ATARI"
+    for game in ("Pong-v0", "Breakout-v0"):
+        for split in ("train", "validation", "test"):
+            for name in ("0", "1", "2", "10"):
+                save(root / game / split / f"{name}.png", noise(rng, 210, 160))
+            (root / game / split / "Thumbs.db").write_bytes(b"stray")
+    return root
+
+
+def test_atari_order_split_and_values(atari: Path) -> None:
+    dataset = AtariDataset(atari, "val")
+    assert not dataset.has_boxes and len(dataset) == 8
+    assert dataset.relative_paths[:5] == [
+        "Breakout-v0/validation/0.png", "Breakout-v0/validation/1.png", "Breakout-v0/validation/10.png",
+        "Breakout-v0/validation/2.png", "Pong-v0/validation/0.png",
+    ]
+    resized = Image.open(atari / "Pong-v0" / "validation" / "10.png").resize((128, 128), Image.Resampling.BILINEAR)
+    expected = torch.from_numpy(np.asarray(resized) / 255).permute(2, 0, 1).float()
+    image = dataset[6]
+    assert image.dtype == torch.float32 and image.shape == (3, 128, 128)
+    assert torch.equal(image, expected)
+    bgr = AtariDataset(atari, "val", bgr=True)[6]
+    assert torch.equal(bgr, expected.flip(0))
+    assert AtariDataset(atari, "test", image_size=64)[0].shape == (3, 64, 64)
+
+
+def test_atari_game_selection(atari: Path) -> None:
+    pong = AtariDataset(atari, "train", games=["Pong"])
+    assert len(pong) == 4 and all(p.startswith("Pong-v0/train/") for p in pong.relative_paths)
+    assert AtariDataset(atari, "train", games=["Pong-v0"]).relative_paths == pong.relative_paths
+    with pytest.raises(FileNotFoundError, match=r"SpaceInvaders-v0 does not exist .*available: \['Breakout-v0', 'Pong-v0'\]"):
+        AtariDataset(atari, "train", games=["SpaceInvaders"])
+    with pytest.raises(TypeError):
+        AtariDataset(atari, "train", games="Pong")
+
+
+def test_atari_errors(atari: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"ATARI does not exist.*dvc repro.*1vzFVFhJZDZMkJ8liROtIyzOiUY42r4TZ"):
+        AtariDataset(tmp_path / "missing" / "ATARI", "train")
+    for p in (atari / "Pong-v0" / "test").iterdir():
+        p.unlink()
+    with pytest.raises(ValueError, match=r"No images .*Pong-v0.test"):
+        AtariDataset(atari, "test")
+    (atari / "Pong-v0" / "test").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"Pong-v0.test does not exist"):
+        AtariDataset(atari, "test")
+    (atari / "Breakout-v0" / "train" / "1.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"Breakout-v0.train.1\.png"):
+        AtariDataset(atari, "train")[1]
+
+
+# --- Plain folder -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(4)
+    root = tmp_path / "mine"
+    save(root / "wide.png", noise(rng, 100, 200))
+    save(root / "rgba.png", noise(rng, 64, 64, 4))
+    save(root / "gray.jpg", noise(rng, 80, 50, 1))
+    save(root / "palette.gif", noise(rng, 40, 40), mode="P")
+    save(root / "cmyk.jpg", noise(rng, 30, 30), mode="CMYK")
+    for i in range(5):
+        save(root / f"img{i}.bmp", noise(rng, 20 + i, 30))
+    (root / "readme.txt").write_text("not an image")
+    return root
+
+
+def test_folder_mixed_images_and_splits(folder: Path) -> None:
+    splits = {s: FolderDataset(folder, s, image_size=32, seed=3) for s in ("train", "val", "test")}
+    assert [len(d) for d in splits.values()] == [8, 1, 1]
+    names = [p.name for d in splits.values() for p in d.paths]
+    assert sorted(names) == sorted(p.name for p in FolderDataset(folder, "all").paths) and len(set(names)) == 10
+    for dataset in splits.values():
+        for i in range(len(dataset)):
+            image = dataset[i]
+            assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+            assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert FolderDataset(folder, "train", seed=3).paths == splits["train"].paths
+    assert FolderDataset(folder, "train", seed=4).paths != splits["train"].paths
+    gray = FolderDataset(folder, "all", image_size=32)
+    g = gray[[p.name for p in gray.paths].index("gray.jpg")]
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    assert not gray.has_boxes
+
+
+def test_folder_boxes_follow_resize_and_crop(folder: Path) -> None:
+    paths = FolderDataset(folder, "all").paths
+    (folder / "bb").mkdir()
+    for p in paths:
+        (folder / "bb" / f"{p.stem}.txt").write_text("")
+    # wide.png is 200 x 100: scaled by 0.25 to 50 x 25 for image_size 25, then 12 px cropped on the left.
+    (folder / "bb" / "wide.txt").write_text("100,50,40,20\n10,10,8,8\n150,50,64,20\n")
+    dataset = FolderDataset(folder, "all", image_size=25)
+    assert dataset.has_boxes
+    boxes = dataset.boxes([p.name for p in dataset.paths].index("wide.png"))
+    expected = np.array([
+        [(12.5 - 2.5) / 25, (12.5 + 2.5) / 25, (25 - 5 - 12) / 25, (25 + 5 - 12) / 25],
+        [(12.5 - 2.5) / 25, (12.5 + 2.5) / 25, (29.5 - 12) / 25, 1.0],  # clipped at the right edge
+    ])  # the box at x = 10 lies in the cropped-off strip and is dropped
+    np.testing.assert_allclose(boxes, expected, rtol=1e-6)
+    (folder / "bb" / "rgba.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"bb.rgba\.txt is missing for image .*rgba\.png"):
+        FolderDataset(folder, "all")
+
+
+def test_folder_errors(tmp_path: Path, folder: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FolderDataset(tmp_path / "nope", "train")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"No image files in .*empty"):
+        FolderDataset(tmp_path / "empty", "train")
+    with pytest.raises(ValueError, match="split_fractions"):
+        FolderDataset(folder, "train", split_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match=r"Split 'val' .* is empty"):
+        FolderDataset(folder, "val", split_fractions=(0.95, 0.0, 0.05))
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    dataset = FolderDataset(folder, "all")
+    with pytest.raises(ValueError, match=r"broken\.png.*corrupt or truncated"):
+        dataset[[p.name for p in dataset.paths].index("broken.png")]
