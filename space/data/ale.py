@@ -10,8 +10,9 @@ Note that gym's ``-v0`` drew the frame skip uniformly from {2, 3, 4} at every
 step; pass ``frame_skip=(2, 5)`` for that, or an int for a fixed skip.
 
 Frames are sampled every ``spacing`` agent steps, after skipping the first
-``warmup`` steps of each episode (title screens and the static start), so
-consecutive samples differ. Each split of each game is played by its own
+``warmup`` steps of each episode (title screens and the static start, during
+which several games ignore the input); a sample equal to the last saved frame
+(a pause after a lost life) is skipped, so consecutive samples differ. Each split of each game is played by its own
 emulator and agent, seeded from ``(seed, game, split)``: the splits come from
 different trajectories and the same arguments give identical files.
 
@@ -49,7 +50,10 @@ STICKY_PROB = 0.25
 FRAME_SKIP = 4
 #: Agent steps between saved frames, and steps skipped after every reset.
 DEFAULT_SPACING = 8
-DEFAULT_WARMUP = 30
+DEFAULT_WARMUP = 60
+#: Samples in a row equal to the last saved frame after which the game is
+#: taken to be stuck and reset.
+MAX_STATIC_SAMPLES = 50
 #: Default frames per split and game.
 DEFAULT_COUNTS = (1000, 100, 100)
 #: Offset that keeps the agent's random stream apart from the emulator's seed.
@@ -95,19 +99,29 @@ def _play(
 
     produced = 0
     steps_in_episode = 0
+    previous: np.ndarray | None = None
+    static_samples = 0
     while produced < num_frames:
         action = actions[rng.integers(len(actions))]
         skip = frame_skip if isinstance(frame_skip, int) else int(rng.integers(*frame_skip))
         for _ in range(skip):
             ale.act(action)
         steps_in_episode += 1
-        if ale.game_over():
+        if ale.game_over() or static_samples >= MAX_STATIC_SAMPLES:
             ale.reset_game()
-            steps_in_episode = 0
+            steps_in_episode = static_samples = 0
             continue
         if steps_in_episode > warmup and (steps_in_episode - warmup) % spacing == 0:
+            frame = ale.getScreenRGB()
+            # Pauses (a lost life, a level change) freeze the screen: skip
+            # exact repeats of the last saved frame.
+            if previous is not None and np.array_equal(frame, previous):
+                static_samples += 1
+                continue
+            static_samples = 0
+            previous = frame
             produced += 1
-            yield ale.getScreenRGB()
+            yield frame
 
 
 def generate_atari(
