@@ -132,6 +132,13 @@ class TrainConfig:
     eval_on: bool = True
     device: str = "auto"
     num_workers: int = 0
+    # Beyond the original.
+    plot_every: int = 100  # rows of plot data (step, loss, KL terms, ...) for DVC
+    val_num_images: int = 500  # validation subset for AP during training (SPEC 9.5)
+    val_batch_size: int = 12
+    val_mode: str = "deterministic"  # or 'sample', the original's
+    best_metric: str = "ap_avg"  # best checkpoint by this validation metric
+    max_bad_steps: int = 20  # consecutive non-finite steps before training stops
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -146,6 +153,13 @@ class TrainConfig:
         for key in ("batch_size", "max_ckpt", "print_every", "save_every", "eval_every", "max_epochs"):
             if getattr(self, key) < 1:
                 _bad(f"train.{key}", getattr(self, key), "an integer >= 1")
+        if self.val_mode not in ("deterministic", "sample"):
+            _bad("train.val_mode", self.val_mode, "'deterministic' or 'sample'")
+        if self.best_metric not in BEST_METRICS:
+            _bad("train.best_metric", self.best_metric, f"one of {sorted(BEST_METRICS)}")
+        for key in ("plot_every", "val_num_images", "val_batch_size", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                _bad(f"train.{key}", getattr(self, key), "an integer >= 1")
         if self.max_steps < 0:
             _bad("train.max_steps", self.max_steps, "an integer >= 0")
         if self.num_workers < 0:
@@ -153,6 +167,8 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("Adam", "RMSprop", "SGD", "AdamW")
+# Validation metric -> True when higher is better.
+BEST_METRICS = {"ap_50": True, "ap_avg": True, "count_error_rate": False, "count_accuracy": True}
 
 
 def _bad(key: str, value: Any, allowed: str) -> None:

@@ -137,7 +137,8 @@ def test_small_model_overfits_two_images():
     x = squares_images()
     losses = []
     for step in range(300):
-        out = train_step(model, optimizers, x, priors_at(cfg, step), clip_norm=1.0)
+        out, applied = train_step(model, optimizers, x, priors_at(cfg, step), clip_norm=1.0)
+        assert applied
         losses.append(out.loss.item())
         if step == 0:
             first_mse = out.mse.mean().item()

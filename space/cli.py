@@ -1,0 +1,23 @@
+"""Helpers for the stage scripts: argument parsing and one clear error line per failure."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+PARAMS = "params.yaml"
+
+
+def stage_main(description: str, main: Callable[[argparse.Namespace], None]) -> None:
+    """Parse ``experiment [--params FILE]`` and run ``main``; a user error exits 1 with one message."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("experiment", help="experiment name, a key under 'exp' in params.yaml")
+    parser.add_argument("--params", default=PARAMS, help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
+        print(f"error: [{args.experiment}] {error}", file=sys.stderr)
+        sys.exit(1)

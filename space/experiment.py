@@ -1,0 +1,162 @@
+"""Experiments from params.yaml: which data, which model, which training, and their datasets.
+
+Layout of params.yaml::
+
+    experiments: [rooms]          # active experiments (dvc.yaml foreach)
+    train: {seed: null, ...}      # overrides applied to every experiment where not null
+    evaluate: {...}               # evaluation settings
+    demo: {...}                   # demo figure settings
+    exp:
+      rooms:
+        data: {source: rooms, root: data/rooms64, ...}
+        model: {...}              # space.config.ModelConfig keys
+        train: {...}              # space.config.TrainConfig keys
+        pretrained: null          # or a checkpoint path: evaluate and demo it without training
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch.utils.data import Dataset
+
+from .io import write_json
+from .config import ModelConfig, TrainConfig, _bad, from_dict, load_params, to_dict
+
+SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
+DOWNLOADED = ("OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI")
+GENERATED_MARKER = ".generated-from.json"  # in a generated dataset's root
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where an experiment's images come from."""
+
+    source: str = "rooms"
+    root: str = "data/rooms"
+    # generated sources (rooms, ale): images per split and seed
+    num_train: int = 1000
+    num_val: int = 100
+    num_test: int = 100
+    seed: int = 0
+    # rooms
+    min_objects: int = 1
+    max_objects: int = 5
+    min_size: float = 0.1
+    max_size: float = 0.2
+    # Atari (ale and ATARI)
+    games: tuple[str, ...] | None = None
+    bgr: bool = False
+    # downloads: where a manually placed archive is looked for, and an optional URL override
+    archive_dir: str = "data/archives"
+    url: str | None = None
+    # user folders
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            _bad("data.source", self.source, f"one of {SOURCES}")
+        for key in ("num_train", "num_val", "num_test"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                _bad(f"data.{key}", getattr(self, key), "an integer >= 0")
+        if not 1 <= self.min_objects <= self.max_objects:
+            _bad("data.max_objects", self.max_objects, f"an integer >= min_objects ({self.min_objects}) >= 1")
+        if not 0 < self.min_size <= self.max_size < 1:
+            _bad("data.max_size", self.max_size, f"a fraction of the image side with 0 < min_size <= max_size < 1")
+        if self.games is not None:
+            object.__setattr__(self, "games", tuple(self.games))
+        object.__setattr__(self, "split_fractions", tuple(self.split_fractions))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    pretrained: str | None = None
+    original: str | None = None  # for a pretrained original-format file: its configuration name
+
+
+def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experiment:
+    """Resolve one experiment from params (a dict or a params.yaml path)."""
+    if not isinstance(params, Mapping):
+        params = load_params(params)
+    experiments = params.get("exp") or {}
+    if name not in experiments:
+        raise ValueError(f"unknown experiment {name!r}; defined under 'exp' in params.yaml: "
+                         f"{', '.join(experiments) or '(none)'}")
+    entry = dict(experiments[name] or {})
+    allowed = {"data", "model", "train", "pretrained", "original"}
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) in 'exp.{name}': {', '.join(unknown)}; allowed keys: {', '.join(sorted(allowed))}")
+    data = from_dict(DataConfig, entry.get("data"), f"exp.{name}.data")
+    model = from_dict(ModelConfig, entry.get("model"), f"exp.{name}.model")
+    train_values = dict(entry.get("train") or {})
+    for key, value in (params.get("train") or {}).items():  # global overrides where not null
+        if value is not None:
+            train_values[key] = value
+    train = from_dict(TrainConfig, train_values, f"exp.{name}.train")
+    return Experiment(name, data, model, train, entry.get("pretrained"), entry.get("original"))
+
+
+def active_experiments(params: Mapping[str, Any]) -> list[str]:
+    names = params.get("experiments") or []
+    for name in names:
+        load_experiment(params, name)  # validates
+    return list(names)
+
+
+def data_identity(data: DataConfig, image_size: int) -> dict[str, Any]:
+    """What identifies an experiment's images (goes into the training run id)."""
+    return {**dataclasses.asdict(data), "image_size": image_size}
+
+
+def build_dataset(exp: Experiment, split: str) -> Dataset:
+    """The dataset of one split ('train', 'val' or 'test') of an experiment, at the model's size."""
+    from . import data as datasets
+
+    d, size = exp.data, exp.model.image_size
+    if d.source in ("rooms", "OBJ3D_SMALL", "OBJ3D_LARGE"):
+        # The original's train split may have no boxes; ours always carries them for rooms.
+        with_boxes = split != "train" or (Path(d.root) / "train" / "bb").is_dir()
+        return datasets.Obj3dDataset(d.root, split, image_size=size, with_boxes=with_boxes)
+    if d.source in ("ale", "ATARI"):
+        return datasets.AtariDataset(d.root, split, games=list(d.games) if d.games else None, image_size=size,
+                                     bgr=d.bgr if d.source == "ATARI" else False)
+    return datasets.FolderDataset(d.root, split, image_size=size, seed=d.seed, split_fractions=d.split_fractions)
+
+
+def prepare_data(exp: Experiment, progress: bool = True) -> Path:
+    """Generate or download the experiment's data if it is not there yet; returns its root."""
+    from . import data as datasets
+
+    d = exp.data
+    root = Path(d.root)
+    marker = root / GENERATED_MARKER
+    wanted = data_identity(d, exp.model.image_size)
+    fresh = d.source in ("rooms", "ale") and not (marker.is_file() and json.loads(marker.read_text()) == wanted)
+    if d.source == "rooms":
+        if fresh:
+            datasets.generate_rooms(root, image_size=exp.model.image_size, num_train=d.num_train,
+                                    num_val=d.num_val, num_test=d.num_test, min_objects=d.min_objects,
+                                    max_objects=d.max_objects, min_size=d.min_size, max_size=d.max_size,
+                                    seed=d.seed, progress=progress)
+    elif d.source == "ale":
+        if fresh:
+            datasets.generate_atari(root, games=d.games or datasets.ATARI_GAMES, num_train=d.num_train,
+                                    num_val=d.num_val, num_test=d.num_test, seed=d.seed, bgr=d.bgr,
+                                    progress=progress)
+    elif d.source in DOWNLOADED:
+        if not root.is_dir():
+            datasets.fetch_archive(d.source, root.parent, archive_dir=d.archive_dir, url=d.url)
+    elif not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} (exp.{exp.name}.data.root) does not exist: "
+                                f"put your images there or change the path in params.yaml")
+    if fresh:  # generated data: remember what it was generated from, so a change regenerates it
+        write_json(marker, wanted)
+    return root

@@ -1,0 +1,25 @@
+"""Stage demo: decomposition figure for a few fixed test images, and training curves as PNG."""
+import torch
+
+import space
+from space.cli import stage_main
+from space.config import load_params
+from space.experiment import build_dataset, load_experiment
+from space.visualisation import demo_figure, training_curves
+
+
+def main(args):
+    params = load_params(args.params)
+    exp, settings = load_experiment(params, args.experiment), params["demo"]
+    model = space.load(f"models/{exp.name}.pth")
+    dataset = build_dataset(exp, settings["split"])
+    indices = [i for i in settings["indices"] if i < len(dataset)]
+    x = torch.stack([dataset[i] for i in indices])
+    with torch.no_grad():
+        out = model(x, space.final_priors(model.cfg), settings["mode"])
+    demo_figure(out, f"plots/demo/{exp.name}.png", title=f"{exp.name}: test images {indices}")
+    training_curves(f"plots/train/{exp.name}.csv", f"plots/curves/{exp.name}.png")
+
+
+if __name__ == "__main__":
+    stage_main(__doc__, main)

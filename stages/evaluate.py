@@ -1,0 +1,31 @@
+"""Stage evaluate: AP, object counts and reconstruction on a split, to metrics/<experiment>.json."""
+import pandas as pd
+
+import space
+from space.cli import stage_main
+from space.config import load_params
+from space.evaluation import evaluate, resolve_device
+from space.experiment import build_dataset, load_experiment
+from space.io import write_json, write_text
+
+
+def main(args):
+    params = load_params(args.params)
+    exp, settings = load_experiment(params, args.experiment), params["evaluate"]
+    device = resolve_device(settings["device"])
+    model = space.load(f"models/{exp.name}.pth", device=device)
+    dataset = build_dataset(exp, settings["split"])
+    results = evaluate(model, dataset, settings["batch_size"], settings["mode"], settings["num_images"], device)
+    results = {"experiment": exp.name, "split": settings["split"], **results}
+    if "ap_by_iou" in results:
+        results["ap_by_iou"] = {f"{t:.2f}": ap for t, ap in results["ap_by_iou"].items()}
+        curve = pd.DataFrame({"iou_threshold": [round(t, 2) for t in results["iou_thresholds"]], "ap": results["aps"]})
+        write_text(f"plots/ap/{exp.name}.csv", curve.to_csv(index=False))
+    else:
+        write_text(f"plots/ap/{exp.name}.csv", "iou_threshold,ap\n")
+    write_json(f"metrics/{exp.name}.json", results)
+    print({k: results[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse") if k in results})
+
+
+if __name__ == "__main__":
+    stage_main(__doc__, main)
