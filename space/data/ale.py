@@ -39,12 +39,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from space.data.download import ATARI_GAMES, publish_directory
+from space.data.download import ATARI_GAMES, ATARI_SPLIT_DIRS, publish_directory
 
 __all__ = ["ATARI_GAMES", "generate_atari", "rom_name"]
 
-#: Split names and the folder each is stored in (SPEC 10.2: 'val' -> 'validation').
-SPLIT_DIRS = {"train": "train", "val": "validation", "test": "test"}
 #: gym's -v0 sticky-action probability and a fixed version of its frame skip.
 STICKY_PROB = 0.25
 FRAME_SKIP = 4
@@ -182,14 +180,14 @@ def generate_atari(
 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    counts = dict(zip(SPLIT_DIRS, (num_train, num_val, num_test)))
+    counts = dict(zip(ATARI_SPLIT_DIRS, (num_train, num_val, num_test)))
     bar = tqdm(total=len(names) * sum(counts.values()), desc=f"atari -> {out_root.name}", unit="frame",
                disable=not progress)
     for game in names:
         stage = Path(tempfile.mkdtemp(prefix=f".{game}-v0.tmp-", dir=out_root))
         try:
             for split_index, (split, count) in enumerate(counts.items()):
-                split_dir = stage / SPLIT_DIRS[split]
+                split_dir = stage / ATARI_SPLIT_DIRS[split]
                 split_dir.mkdir()
                 # Keyed by the game's name, so a subset of games gives the same
                 # frames as the full run.

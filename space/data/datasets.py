@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from space.data.download import ARCHIVES, ATARI_GAMES, drive_link
+from space.data.download import ARCHIVES, ATARI_GAMES, ATARI_SPLIT_DIRS, SPLITS, drive_link
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -36,9 +36,6 @@ __all__ = [
 
 #: File extensions counted as images by the OBJ3D and Atari loaders.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-#: The original's split names; Atari stores 'val' in a folder named 'validation'.
-SPLITS = ("train", "val", "test")
-ATARI_SPLIT_DIRS = {"train": "train", "val": "validation", "test": "test"}
 #: Pixel size the OBJ3D box files are written for; the original evaluator
 #: divides by 128 (SPEC 9.3).
 OBJ3D_BOX_PIXEL_SIZE = 128

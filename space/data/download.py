@@ -34,6 +34,8 @@ from pathlib import Path
 
 __all__ = [
     "ATARI_GAMES",
+    "ATARI_SPLIT_DIRS",
+    "SPLITS",
     "ARCHIVES",
     "ArchiveInfo",
     "ArchiveError",
@@ -42,6 +44,10 @@ __all__ = [
     "publish_directory",
 ]
 
+#: Split names of the original datasets (SPEC 10.1, 10.2), and the folder each
+#: is stored in inside an Atari game folder ('val' is 'validation' there).
+SPLITS = ("train", "val", "test")
+ATARI_SPLIT_DIRS = {"train": "train", "val": "validation", "test": "test"}
 #: The 11 games of the original ATARI archive (SPEC 10.2), without "-v0".
 ATARI_GAMES = (
     "Asterix", "Atlantis", "Carnival", "DoubleDunk", "Kangaroo", "MontezumaRevenge",
@@ -73,8 +79,8 @@ class ArchiveInfo:
 
 
 ARCHIVES: dict[str, ArchiveInfo] = {
-    "OBJ3D_LARGE": ArchiveInfo("1gE3kr_ZLdsMRr263K2v1HhyfJehhW7Pi", "OBJ3D_LARGE", ("train", "val", "test")),
-    "OBJ3D_SMALL": ArchiveInfo("18Ta1sWCyprv0QPGMUOMMPFWac8KFICMN", "OBJ3D_SMALL", ("train", "val", "test")),
+    "OBJ3D_LARGE": ArchiveInfo("1gE3kr_ZLdsMRr263K2v1HhyfJehhW7Pi", "OBJ3D_LARGE", SPLITS),
+    "OBJ3D_SMALL": ArchiveInfo("18Ta1sWCyprv0QPGMUOMMPFWac8KFICMN", "OBJ3D_SMALL", SPLITS),
     "ATARI": ArchiveInfo("1vzFVFhJZDZMkJ8liROtIyzOiUY42r4TZ", "ATARI", tuple(f"{g}-v0" for g in ATARI_GAMES)),
     "pretrained": ArchiveInfo(
         "1gUvLTfy5pKeLa6k3RT8GiEXWiGG8XzzD",
