@@ -35,7 +35,8 @@ def main() -> None:
     for i in range(args.images):
         render_room(np.random.default_rng(image_seed(0, "train", i)), image_size=args.image_size)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"render only, 1 process: {args.images / wall:7.1f} images/s wall, {args.images / cpu:7.1f} images/s per CPU second")
+    print(f"render only, 1 process: {args.images / wall:7.1f} images/s wall, "
+          f"{args.images / cpu:7.1f} images/s per CPU second")
 
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:

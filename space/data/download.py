@@ -32,6 +32,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 __all__ = [
     "ATARI_GAMES",
     "ATARI_SPLIT_DIRS",
@@ -173,9 +175,11 @@ def _partial_files(archive: Path) -> list[Path]:
     )
 
 
-def _check_gzip(archive: Path) -> None:
+def _check_gzip(archive: Path, progress: bool) -> None:
     """Reads the whole gzip stream, so truncation and CRC errors surface now."""
-    with gzip.open(archive, "rb") as stream:
+    with open(archive, "rb") as raw, tqdm.wrapattr(
+        raw, "read", total=archive.stat().st_size, desc=f"checking {archive.name}", disable=not progress
+    ) as counted, gzip.GzipFile(fileobj=counted) as stream:
         while stream.read(CHUNK_BYTES):
             pass
 
@@ -191,9 +195,10 @@ def _strict_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None
     return tarfile.data_filter(member, dest)
 
 
-def _extract(archive: Path, dest: Path) -> None:
+def _extract(archive: Path, dest: Path, progress: bool) -> None:
     with tarfile.open(archive, "r:gz", errorlevel=2) as tar:
-        tar.extractall(dest, filter=_strict_filter)
+        members = tqdm(tar, desc=f"extracting {archive.name}", unit=" files", disable=not progress)
+        tar.extractall(dest, members=members, filter=_strict_filter)
 
 
 def _content_root(stage: Path, expected: tuple[str, ...], folder: str | None) -> Path | None:
@@ -212,6 +217,7 @@ def fetch_archive(
     data_dir: str | os.PathLike,
     archive_dir: str | os.PathLike | None = None,
     url: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Gets one of the original archives and extracts it safely into ``data_dir``.
 
@@ -227,6 +233,8 @@ def fetch_archive(
         archive_dir: Where the archive is looked for and downloaded to;
             defaults to ``data_dir``.
         url: Download from this URL instead of Google Drive (tests, mirrors).
+        progress: Show progress bars for checking and extracting (gdown
+            always shows its own download bar).
 
     Returns:
         The extracted folder: ``data_dir/<name>`` for datasets, ``data_dir``
@@ -269,7 +277,7 @@ def fetch_archive(
 
     # 2. Complete gzip stream?
     try:
-        _check_gzip(archive)
+        _check_gzip(archive, progress)
     except EOFError:
         raise fail("is truncated (the gzip stream ends early)") from None
     except (gzip.BadGzipFile, zlib.error, OSError) as err:
@@ -280,7 +288,7 @@ def fetch_archive(
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=data_dir))
     try:
         try:
-            _extract(archive, stage)
+            _extract(archive, stage, progress)
         except tarfile.FilterError as err:
             raise fail(f"holds an unsafe member, refused: {err}; nothing was extracted") from None
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
