@@ -1,0 +1,89 @@
+"""Each original experiment runs through its stages on a CPU with a smoke override (few steps,
+a few generated images in its data layout), and the default experiment's params are valid."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ORIGINAL_NAMES, ROOT
+from space.config import ORIGINAL_CONFIGS, ModelConfig, TrainConfig, to_dict
+from space.experiment import active_experiments, load_experiment
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def run_stage(stage: str, name: str, cwd: Path, params: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", name, "--params", str(params)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def smoke_params(name: str, tmp_path: Path) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    entry = params["exp"][name]
+    if entry["data"]["source"] == "ATARI":
+        pytest.importorskip("ale_py")
+        entry["data"] = {"source": "ale", "root": "data/atari", "games": entry["data"]["games"][:1],
+                         "num_train": 3, "num_val": 2, "num_test": 2}
+    else:
+        entry["data"] = {"source": "rooms", "root": "data/rooms", "num_train": 3, "num_val": 2, "num_test": 2}
+    entry["train"].update(max_steps=1, batch_size=2, val_num_images=2, print_every=1, save_every=1,
+                          eval_every=1, device="cpu")
+    params["evaluate"].update(batch_size=2, device="cpu")
+    params["demo"]["indices"] = [0, 1]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.mark.parametrize("name", ORIGINAL_NAMES)
+def test_original_experiment_runs_through_its_stages(name, tmp_path):
+    params = smoke_params(name, tmp_path)
+    for stage in ("data", "train", "evaluate", "demo"):
+        result = run_stage(stage, name, tmp_path, params)
+        assert result.returncode == 0, f"{stage}: {result.stderr[-3000:]}"
+    metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+    assert metrics["num_images"] == 2
+    if name.startswith("3d_room"):
+        assert {"ap_50", "ap_avg", "ap_by_iou", "count_error_rate", "count_accuracy", "perfect", "overcount",
+                "undercount", "mse"} <= set(metrics)
+    else:
+        assert metrics["has_ground_truth"] is False and "ap_50" not in metrics and "mse" in metrics
+    for path in (f"models/{name}.pth", f"plots/demo/{name}.png", f"plots/curves/{name}.png",
+                 f"plots/train/{name}.csv", f"data/manifests/{name}.json"):
+        assert (tmp_path / path).is_file(), path
+    # the trained model carries the original's configuration
+    import space
+    assert space.load(tmp_path / "models" / f"{name}.pth").cfg == ModelConfig(**ORIGINAL_CONFIGS[name]["model"])
+
+
+@pytest.mark.parametrize("name", ORIGINAL_NAMES)
+def test_params_hold_the_originals_values(name):
+    exp = load_experiment(PARAMS, name)
+    assert exp.model == ModelConfig(**ORIGINAL_CONFIGS[name]["model"])
+    original_train = TrainConfig(**ORIGINAL_CONFIGS[name]["train"])
+    for key in ("seed", "batch_size", "max_steps", "max_ckpt", "clip_norm", "fg_optim", "fg_lr", "bg_optim",
+                "bg_lr", "eval_on", "print_every", "save_every", "eval_every"):
+        assert getattr(exp.train, key) == getattr(original_train, key), key
+
+
+def test_default_experiments_run_offline():
+    for name in active_experiments(PARAMS):
+        assert load_experiment(PARAMS, name).data.source in ("rooms", "ale")
+
+
+def test_unknown_experiment_and_key_give_one_clear_error(tmp_path):
+    result = run_stage("train", "nope", tmp_path, ROOT / "params.yaml")
+    assert result.returncode == 1
+    assert "error: [nope] unknown experiment 'nope'; defined under 'exp' in params.yaml: rooms" in result.stderr
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["rooms"]["model"]["G"] = 5
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    result = run_stage("train", "rooms", tmp_path, bad)
+    assert result.returncode == 1 and "invalid value for 'model.G': 5; allowed: one of (4, 8, 16)" in result.stderr
+    assert not (tmp_path / "models").exists()
