@@ -64,17 +64,24 @@ def train_step(model: Space, optimizers: tuple[torch.optim.Optimizer, torch.opti
     clip, step fg then bg. Returns the output and whether the step was applied: a non-finite loss
     or gradient norm skips both optimiser steps."""
     model.train()
+    # A skipped step must leave the model as it was: BatchNorm running statistics are updated by
+    # the forward itself, so keep a copy of the (small) buffers to put back.
+    buffers = [b.detach().clone() for b in model.buffers()]
     out = model(x, priors)
     fg_opt, bg_opt = optimizers
     fg_opt.zero_grad()
     bg_opt.zero_grad()
-    if not torch.isfinite(out.loss):
-        return out, False
-    out.loss.backward()
-    total_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm else math.inf)
-    if not torch.isfinite(total_norm):
+    finite = bool(torch.isfinite(out.loss))
+    if finite:
+        out.loss.backward()
+        total_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm else math.inf)
+        finite = bool(torch.isfinite(total_norm))
+    if not finite:
         fg_opt.zero_grad()
         bg_opt.zero_grad()
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
         return out, False
     fg_opt.step()
     bg_opt.step()
@@ -155,6 +162,7 @@ class Trainer:
                                            train_cfg.bg_optim, train_cfg.bg_lr)
         self.position = _Position()
         self.rows: list[dict[str, Any]] = []  # plot data
+        self.losses: deque[float] = deque(maxlen=20)  # the original logs the median of the last 20
         self.best: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
         self._resume()
@@ -173,6 +181,7 @@ class Trainer:
             resume = ckpt["resume"]
             self.position = _Position(ckpt["global_step"] + 1, resume["epoch"], resume["batch"])
             self.rows = [row for row in json.loads(resume["rows"]) if row["step"] <= ckpt["global_step"]]
+            self.losses.extend(resume["losses"])
             best_json = self.run_dir / f"best_{self.cfg.best_metric}.json"  # the file on disk is authoritative
             self.best = json.loads(best_json.read_text()) if best_json.is_file() else None
             _set_rng_state(resume["rng"])
@@ -183,7 +192,8 @@ class Trainer:
     def _save(self, step: int, position: _Position) -> Path:
         path = checkpoint_path(self.run_dir, step)
         extra = {"resume": {"epoch": position.epoch, "batch": position.batch, "rng": _rng_state(),
-                            "rows": json.dumps(self.rows)}}
+                            "rows": json.dumps(self.rows),
+                            "losses": list(self.losses)}}
         save_checkpoint(path, self.model, self.optimizers, step, position.epoch, self.cfg, extra)
         for old in find_checkpoints(self.run_dir)[:-self.cfg.max_ckpt]:  # prune after the new one exists
             old.unlink(missing_ok=True)
@@ -209,7 +219,7 @@ class Trainer:
         n = len(self.train_set)
         batches_per_epoch = math.ceil(n / cfg.batch_size)
         writer = self._writer()
-        losses: deque[float] = deque(maxlen=20)  # the original logs the median of the last 20
+        losses = self.losses
         bad_steps = 0
         pos = self.position
         bar = tqdm(total=cfg.max_steps + 1, initial=min(pos.step, cfg.max_steps + 1), desc="train", unit="step",

@@ -1,0 +1,129 @@
+"""Training loop: exact resume after SIGKILL, non-finite steps, checkpoint retention."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from space.checkpoint import read_checkpoint
+from space.config import ModelConfig, TrainConfig
+from space.training import Trainer, TrainingError, find_checkpoints
+
+TINY_MODEL = dict(image_size=32, G=4, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=2, z_pres_start_step=2,
+                  z_pres_end_step=8, tau_end_step=10, tau_end_value=1.0)
+TINY_TRAIN = dict(seed=3, batch_size=4, max_steps=13, save_every=1, max_ckpt=3, print_every=5, eval_on=False,
+                  fg_optim="Adam", fg_lr=1e-3, bg_optim="Adam", bg_lr=1e-3, device="cpu", plot_every=1)
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Fixed random images (10 of them, so an epoch has 3 batches of 4, 4 and 2)."""
+
+    def __init__(self, n=10, size=32):
+        self.images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+SCRIPT = textwrap.dedent(f"""
+    import sys, torch
+    sys.path.insert(0, {str(ROOT)!r})
+    sys.path.insert(0, {str(ROOT / 'tests')!r})
+    from test_training import RandomImages, TINY_MODEL, TINY_TRAIN
+    from space.config import ModelConfig, TrainConfig
+    from space.training import Trainer
+    torch.set_num_threads(1)
+    trainer = Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), RandomImages(), sys.argv[1],
+                      plots_path=sys.argv[1] + "/plot.csv", progress=False)
+    model = trainer.fit()
+    torch.save(model.state_dict(), sys.argv[1] + "/final.pt")
+""")
+
+
+def test_sigkill_three_times_then_resume_equals_uninterrupted_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(straight)], check=True, timeout=300)
+    rng = random.Random(1)
+    kills = 0
+    for target in sorted(rng.sample(range(2, 12), 3)):
+        process = subprocess.Popen([sys.executable, str(script), str(killed)])
+        deadline = time.time() + 120
+        # wait until the checkpoint of step `target` exists, plus a random fraction of a step
+        while time.time() < deadline and not (killed / f"model_{target + 1:09d}.pth").exists():
+            if process.poll() is not None:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.2))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills == 3
+    assert not (killed / "final.pt").exists() or True  # a kill may land after the end
+    subprocess.run([sys.executable, str(script), str(killed)], check=True, timeout=300)
+    a, b = torch.load(straight / "final.pt"), torch.load(killed / "final.pt")
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bit for bit on the CPU
+    # the optimiser states and the plot rows match too
+    last_a, last_b = find_checkpoints(straight)[-1], find_checkpoints(killed)[-1]
+    assert last_a.name == last_b.name == "model_000000014.pth"
+    ca, cb = read_checkpoint(last_a), read_checkpoint(last_b)
+    for state_a, state_b in zip(ca["optimizer_bg"]["state"].values(), cb["optimizer_bg"]["state"].values()):
+        assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
+    assert (straight / "plot.csv").read_text() == (killed / "plot.csv").read_text()
+    assert len(find_checkpoints(killed)) == 3  # max_ckpt
+
+
+def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, monkeypatch):
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_bad_steps": 3, "max_steps": 20})
+    trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+    original_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward(x, priors, mode="sample"):
+        out = original_forward(x, priors, mode)
+        calls["n"] += 1
+        if calls["n"] == 3 or calls["n"] >= 6:  # one isolated bad step, then bad for good
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with pytest.raises(TrainingError) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert "training stopped at step 7: 3 consecutive steps had a non-finite loss" in message
+    kept = find_checkpoints(tmp_path)
+    # the last checkpoint (step 6) is named and kept; skipped steps left the weights of step 4
+    assert kept[-1].name == "model_000000007.pth" and "model_000000007.pth" in message
+    after_4, after_6 = (read_checkpoint(tmp_path / f"model_00000000{i}.pth")["model"] for i in (5, 7))
+    assert all(torch.equal(after_4[k], after_6[k]) for k in after_4)
+    assert all(torch.isfinite(v.float()).all() for v in after_6.values())
+
+
+def test_rerun_after_completion_does_no_work(tmp_path):
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 3})
+    Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False).fit()
+    again = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+    assert again.position.step == 4 and again.resumed_from.name == "model_000000004.pth"
+    before = again.model.state_dict()["bg_module.z_mask_0"].clone()
+    again.fit()
+    assert torch.equal(before, again.model.state_dict()["bg_module.z_mask_0"])
+
+
+def test_empty_training_split_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="the training split is empty"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), RandomImages(n=0), tmp_path)
