@@ -120,6 +120,11 @@ class Space(nn.Module):
             kl_z_scale=fg.kl_z_scale, kl_z_shift=fg.kl_z_shift, kl_z_depth=fg.kl_z_depth,
             kl_z_where=fg.kl_z_where, kl_fg=fg.kl_fg, kl_bg=bg.kl_bg)
 
+    def detect(self, images, threshold: float = 0.5, mode: str = "deterministic"):
+        """Objects per image with pixel boxes, presence, depth and z_what (see ``space.objects``)."""
+        from .objects import detect
+        return detect(self, images, threshold, mode)
+
 
 def build_model(config: str | ModelConfig) -> Space:
     """Build SPACE from a ModelConfig or the name of one of the original's five configurations."""

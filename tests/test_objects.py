@@ -1,0 +1,88 @@
+"""Objects as data: detect() boxes agree with the evaluation; export round-trips."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from space.config import ModelConfig
+from space.evaluation import evaluate
+from space.metrics import DetectionAccumulator
+from space.model import Space
+from space.objects import export_detections
+
+CFG = ModelConfig(image_size=32, G=4, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=2)
+
+
+class BoxedImages(torch.utils.data.Dataset):
+    """Random images with ground-truth boxes in the normalised [y_min, y_max, x_min, x_max] convention."""
+    has_boxes = True
+
+    def __init__(self, images, boxes):
+        self.images, self._boxes = images, boxes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+    def boxes(self, i):
+        return self._boxes[i]
+
+
+def test_detect_boxes_give_the_evaluation_ap(tmp_path):
+    model = Space(CFG).eval()
+    images = torch.rand(10, 3, 32, 32)
+    detections = model.detect(images)
+    assert sum(len(d) for d in detections) > 0
+    # ground truth: some of the model's own boxes, shifted a little, so that AP is neither 0 nor 1
+    rng = np.random.default_rng(0)
+    gt = []
+    for objects in detections:
+        chosen = [d for d in objects if rng.random() < 0.5]
+        gt.append(np.array([[(d.y_min + s) / 32, (d.y_max + s) / 32, (d.x_min - s) / 32, (d.x_max - s) / 32]
+                             for d in chosen for s in [rng.uniform(0, 3)]], dtype=np.float32).reshape(-1, 4))
+    dataset = BoxedImages(images, gt)
+    metrics = evaluate(model, dataset, batch_size=4, progress=False)
+    accumulator = DetectionAccumulator()
+    for objects, boxes in zip(detections, gt):
+        pred = np.array([[d.y_min / 32, d.y_max / 32, d.x_min / 32, d.x_max / 32] for d in objects],
+                        dtype=np.float32).reshape(-1, 4)
+        accumulator.add(pred, np.array([d.presence for d in objects], dtype=np.float32), boxes)
+    ours = accumulator.compute()
+    assert 0 < metrics["ap_50"] < 1
+    assert ours["aps"] == pytest.approx(metrics["aps"], abs=1e-6)
+    assert ours["perfect"] == metrics["perfect"]
+
+
+def test_detect_maps_boxes_to_the_input_size_and_sorts_by_presence():
+    model = Space(CFG).eval()
+    image = (np.random.default_rng(0).random((48, 96, 3)) * 255).astype(np.uint8)  # H 48, W 96
+    resized = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255,
+                                              size=(32, 32), mode="bilinear", align_corners=False)
+    big, small = model.detect([image])[0], model.detect(resized)[0]
+    assert len(big) == len(small) > 0
+    for a, b in zip(big, small):
+        assert a.x_min == pytest.approx(b.x_min * 3, rel=1e-4) and a.y_max == pytest.approx(b.y_max * 1.5, rel=1e-4)
+        assert len(a.z_what) == CFG.z_what_dim and a.presence > 0.5
+    assert [d.presence for d in big] == sorted((d.presence for d in big), reverse=True)
+
+
+def test_export_writes_a_table_and_json_that_read_back(tmp_path):
+    model = Space(CFG).eval()
+    images = torch.rand(5, 3, 32, 32)
+    summary = export_detections(model, BoxedImages(images, [np.zeros((0, 4))] * 5), tmp_path / "objects",
+                                batch_size=2, progress=False)
+    table = pd.read_parquet(tmp_path / "objects.parquet")
+    document = json.loads((tmp_path / "objects.json").read_text())
+    detections = model.detect(images)
+    assert summary["num_objects"] == len(table) == sum(len(d) for d in detections)
+    assert list(table.columns[:9]) == ["image", "object", "x_min", "y_min", "x_max", "y_max", "presence", "depth",
+                                       "cell"]
+    first = table[table.image == 0].iloc[0]
+    assert first.x_min == pytest.approx(detections[0][0].x_min, abs=1e-5)
+    assert first.z_what_31 == pytest.approx(detections[0][0].z_what[31], abs=1e-5)
+    assert len(document["images"]) == 5 and "pixels" in document["convention"]
+    assert document["images"][0]["objects"][0]["presence"] == pytest.approx(first.presence)
