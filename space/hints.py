@@ -1,0 +1,146 @@
+"""Prior hints: propose G, the object-size prior and the z_pres prior for a dataset.
+
+SPACE needs three things set to the data: the grid size G (a cell should be about one object
+wide, and two object centres should rarely share a cell), the prior mean of the pre-sigmoid
+z_scale (sigmoid of it is the object size over the image size), and the prior presence
+probability. With boxes (a dataset's ``bb`` files, or a few boxes a user measured) these follow
+from the object sizes and counts; without boxes they cannot be known and we say so.
+
+Command line::
+
+    python -m space.hints --experiment rooms                  # boxes of its val/test split
+    python -m space.hints --boxes 12,20,14,16 40,8,10,12 --image-size 128
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .config import ALLOWED_G
+
+START_SCALE_FACTOR = 2.0  # start the size prior at about twice the object size, as the originals do
+CROWDING_LIMIT = 0.05  # at most 5 % of objects may share their cell with another object's centre
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+@dataclass
+class Hints:
+    """Suggested params and the reasons behind them."""
+
+    values: dict[str, float | int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = ["Suggested model params:"]
+        lines += [f"  {key}: {value}" for key, value in self.values.items()]
+        lines += ["Why:"] + [f"  - {reason}" for reason in self.reasons]
+        if self.unknown:
+            lines += ["Cannot be known from this data:"] + [f"  - {item}" for item in self.unknown]
+        return "\n".join(lines)
+
+
+def suggest(boxes_per_image: Sequence[np.ndarray] | None, image_size: int) -> Hints:
+    """Hints from boxes in the normalised [y_min, y_max, x_min, x_max] convention (or None).
+
+    Args:
+        boxes_per_image: per image, an (M, 4) array; None when the data has no boxes.
+        image_size: the model's image side in pixels (for G and the messages).
+    """
+    hints = Hints()
+    valid_g = [g for g in ALLOWED_G if image_size % g == 0 and image_size // g in (8, 16, 32)]
+    if not boxes_per_image or sum(len(b) for b in boxes_per_image) == 0:
+        hints.values = {"G": 8 if 8 in valid_g else valid_g[0], "z_scale_mean_start_value": -1.0,
+                        "z_scale_mean_end_value": -2.0, "z_pres_start_value": 0.1, "z_pres_end_value": 0.01}
+        hints.reasons.append("no boxes: these are the original 3D-room values, a neutral start")
+        hints.unknown += [
+            "object size: give a few boxes (--boxes cx,cy,w,h in pixels) or add bb/ files; the size prior "
+            "z_scale_mean_end_value should be logit(object side / image side)",
+            "objects per image: it sets G (about one object per cell) and the z_pres prior",
+        ]
+        return hints
+    all_boxes = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1, 4) for b in boxes_per_image])
+    heights = all_boxes[:, 1] - all_boxes[:, 0]
+    widths = all_boxes[:, 3] - all_boxes[:, 2]
+    side = np.sqrt(np.clip(widths * heights, 1e-6, None))  # geometric mean of width and height
+    size = float(np.median(side))
+    counts = np.array([len(b) for b in boxes_per_image])
+
+    # G: the largest grid (smallest cells, so that near objects get their own cells) whose cells
+    # are still at least about half an object wide, with little crowding.
+    centres = np.stack([(all_boxes[:, 0] + all_boxes[:, 1]) / 2, (all_boxes[:, 2] + all_boxes[:, 3]) / 2], 1)
+    owners = np.repeat(np.arange(len(boxes_per_image)), counts)
+    crowding = {}
+    for g in valid_g:
+        cells = np.clip((centres * g).astype(int), 0, g - 1)
+        keys = owners * g * g + cells[:, 0] * g + cells[:, 1]
+        _, inverse, shared = np.unique(keys, return_inverse=True, return_counts=True)
+        crowding[g] = float((shared[inverse] > 1).mean())
+    candidates = [g for g in valid_g if 1 / g >= 0.5 * size and crowding[g] <= CROWDING_LIMIT] or \
+        [min(valid_g, key=lambda g: crowding[g])]
+    G = max(candidates)
+    density = float(counts.mean()) / (G * G)
+    hints.values = {
+        "G": G,
+        "z_scale_mean_start_value": round(logit(min(0.45, START_SCALE_FACTOR * size)), 2),
+        "z_scale_mean_end_value": round(logit(size), 2),
+        "z_pres_start_value": round(min(0.5, max(0.1, 2 * density)), 3),
+        "z_pres_end_value": 0.01,
+    }
+    hints.reasons += [
+        f"{len(all_boxes)} boxes in {len(boxes_per_image)} images; median object side {size:.3f} of the image "
+        f"({size * image_size:.1f} px at {image_size} px); sigmoid(z_scale_mean_end_value) = {size:.3f}",
+        f"the size prior starts at about {START_SCALE_FACTOR:g}x the object size and anneals down, as the originals do",
+        f"G = {G}: cells of {image_size // G} px; share of objects sharing a cell with another: "
+        + ", ".join(f"G={g}: {crowding[g]:.1%}" for g in valid_g),
+        f"{counts.mean():.2f} objects per image ({counts.min()}-{counts.max()}): {density:.3f} of the {G * G} cells; "
+        f"the presence prior starts at about twice that (at least 0.1, the originals' start) and ends at 0.01",
+    ]
+    return hints
+
+
+def _boxes_from_pixels(specs: Sequence[str], image_size: int) -> list[np.ndarray]:
+    boxes = []
+    for spec in specs:
+        try:
+            cx, cy, w, h = (float(v) / image_size for v in spec.split(","))
+        except ValueError as error:
+            raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels") from error
+        boxes.append(np.array([[cy - h / 2, cy + h / 2, cx - w / 2, cx + w / 2]]))
+    return boxes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Propose G and the priors of SPACE for a dataset.")
+    parser.add_argument("--experiment", help="an experiment of params.yaml: use its data's boxes")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--boxes", nargs="*", help="boxes you measured, each cx,cy,w,h in pixels")
+    parser.add_argument("--image-size", type=int, default=128, help="image side the --boxes are in")
+    args = parser.parse_args(argv)
+    try:
+        if args.boxes:
+            print(suggest(_boxes_from_pixels(args.boxes, args.image_size), args.image_size).text())
+            return
+        if not args.experiment:
+            parser.error("give --experiment NAME or --boxes")
+        from .experiment import build_dataset, load_experiment
+        exp = load_experiment(args.params, args.experiment)
+        dataset = build_dataset(exp, args.split)
+        boxes = [dataset.boxes(i) for i in range(len(dataset))] if getattr(dataset, "has_boxes", False) else None
+        print(suggest(boxes, exp.model.image_size).text())
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+import math
+
+import numpy as np
+
+from space.data import Obj3dDataset, generate_rooms
+from space.hints import main, suggest
+
+
+def test_hints_recover_the_generators_object_size(tmp_path, capsys):
+    root = generate_rooms(tmp_path / "rooms", image_size=64, num_train=1, num_val=60, num_test=1, min_objects=1,
+                          max_objects=3, min_size=0.15, max_size=0.25, seed=4, progress=False)
+    dataset = Obj3dDataset(root, "val", image_size=64)
+    hints = suggest([dataset.boxes(i) for i in range(len(dataset))], 64)
+    size = 1 / (1 + math.exp(-hints.values["z_scale_mean_end_value"]))
+    # the generator draws object sides in [0.15, 0.25] of the image (mean 0.2); occlusion only shrinks
+    # visible boxes, so the proposal must lie within 20 % of 0.2
+    assert abs(size - 0.2) < 0.04, size
+    assert hints.values["z_scale_mean_start_value"] > hints.values["z_scale_mean_end_value"]
+    assert hints.values["G"] == 8  # 8-px cells for ~13-px objects at 64 px, little crowding
+    assert any("median object side" in reason for reason in hints.reasons) and not hints.unknown
+
+
+def test_without_boxes_it_says_what_it_cannot_know():
+    hints = suggest(None, 128)
+    assert hints.values["G"] == 8 and hints.values["z_scale_mean_end_value"] == -2.0
+    text = hints.text()
+    assert "Cannot be known from this data:" in text and "object size" in text and "objects per image" in text
+
+
+def test_command_line_with_measured_boxes(capsys):
+    main(["--boxes", "20,20,16,16", "80,60,16,16", "--image-size", "128"])
+    out = capsys.readouterr().out
+    assert "z_scale_mean_end_value: -1.95" in out  # logit(16 / 128) = -1.946
