@@ -1,0 +1,53 @@
+"""Atomic writes: a failure mid-write (an exception, a full disk) leaves the previous file intact."""
+import errno
+import json
+
+import pytest
+import torch
+
+from space.checkpoint import read_checkpoint, save_checkpoint
+from space.config import ModelConfig
+from space.io import atomic_write, write_json, write_text
+from space.model import Space
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_json_and_text_survive_a_failed_write(tmp_path, monkeypatch):
+    metrics = tmp_path / "metrics" / "rooms.json"
+    write_json(metrics, {"ap_50": 0.9})
+    write_text(tmp_path / "plot.csv", "step,loss\n0,1\n")
+
+    def half_written(tmp):
+        tmp.write_text('{"ap_50": 0.')  # the disk fills up half-way
+        disk_full()
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(metrics, half_written)
+    with pytest.raises(ValueError):  # NaN is refused before anything is written
+        write_json(metrics, {"ap_50": float("nan")})
+    assert json.loads(metrics.read_text()) == {"ap_50": 0.9}
+    assert (tmp_path / "plot.csv").read_text() == "step,loss\n0,1\n"
+    assert sorted(p.name for p in metrics.parent.iterdir()) == ["rooms.json"]  # no temporary left
+
+
+def test_checkpoint_survives_a_full_disk_during_save(tmp_path, monkeypatch):
+    model = Space(ModelConfig(image_size=32, G=4, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=2))
+    path = tmp_path / "model_000000001.pth"
+    save_checkpoint(path, model, None, step=0, epoch=0)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 partial")
+        disk_full()
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, model, None, step=5, epoch=0)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before and read_checkpoint(path)["global_step"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
