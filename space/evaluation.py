@@ -22,6 +22,31 @@ from .schedules import final_priors
 
 PRESENCE_THRESHOLD = 0.5  # a cell is an object when z_pres_prob > 0.5 (strict, SPEC 9.2)
 
+# Background-failure rule (see bg_failure_verdict).
+MIN_FG_EXPLAINED = 0.05  # the foreground must remove at least 5 % of the background-only error
+MIN_MEAN_OBJECTS = 0.25  # and find objects in a fair share of the images
+MAX_ALPHA_COVERAGE = 0.5  # the foreground must not cover most of the image
+RESEED_REMEDY = ("reseed and retrain: dvc exp run -S train.seed=2 (or queue several: "
+                 "for s in 2 3 4; do dvc exp run --queue -S train.seed=$s; done; dvc queue start)")
+
+
+def bg_failure_verdict(fg_explained: float, mean_objects: float, alpha_coverage: float) -> tuple[bool, str]:
+    """Whether the background absorbed the objects, or the foreground the background.
+
+    Rule: failure when the foreground explains less than MIN_FG_EXPLAINED of the error the
+    background alone leaves (fg_explained = 1 - SSE(reconstruction) / SSE(background alone)), or
+    finds fewer than MIN_MEAN_OBJECTS objects per image (the background swallowed the objects);
+    or when the mean foreground alpha exceeds MAX_ALPHA_COVERAGE (the foreground swallowed the
+    background). Returns (failure, reason).
+    """
+    if fg_explained < MIN_FG_EXPLAINED or mean_objects < MIN_MEAN_OBJECTS:
+        return True, (f"the background absorbed the objects (foreground explains {fg_explained:.1%} of the "
+                      f"background-only error, {mean_objects:.2f} objects per image)")
+    if alpha_coverage > MAX_ALPHA_COVERAGE:
+        return True, f"the foreground absorbed the background (it covers {alpha_coverage:.1%} of the image)"
+    return False, (f"foreground explains {fg_explained:.1%} of the background-only error, "
+                   f"{mean_objects:.2f} objects per image, alpha covers {alpha_coverage:.1%}")
+
 
 def predicted_boxes(out: SpaceOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image, the boxes [y_min, y_max, x_min, x_max] (normalised) and confidences of present cells."""
@@ -60,7 +85,8 @@ def evaluate(model: Space, dataset: Dataset, batch_size: int = 12, mode: str = "
     priors = final_priors(model.cfg)
     was_training = model.training
     model.eval()
-    sums = {"mse": 0.0, "elbo": 0.0, "log_like": 0.0, "kl_fg": 0.0, "kl_bg": 0.0, "count": 0.0}
+    sums = {"mse": 0.0, "elbo": 0.0, "log_like": 0.0, "kl_fg": 0.0, "kl_bg": 0.0, "count": 0.0, "bg_sse": 0.0,
+            "alpha": 0.0}
     index = 0
     try:
         for x in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
@@ -71,6 +97,8 @@ def evaluate(model: Space, dataset: Dataset, batch_size: int = 12, mode: str = "
             sums["kl_fg"] += out.kl_fg.sum().item()
             sums["kl_bg"] += out.kl_bg.sum().item()
             sums["count"] += (out.z_pres_prob > PRESENCE_THRESHOLD).sum().item()
+            sums["bg_sse"] += ((out.bg - out.imgs) ** 2).sum().item()
+            sums["alpha"] += out.alpha_map.mean((1, 2, 3)).sum().item()
             if accumulator is not None:
                 for boxes, conf in predicted_boxes(out):
                     accumulator.add(boxes.cpu().numpy(), conf.cpu().numpy(), dataset.boxes(index))
@@ -79,6 +107,12 @@ def evaluate(model: Space, dataset: Dataset, batch_size: int = 12, mode: str = "
         model.train(was_training)
     results: dict[str, Any] = {key: value / max(n, 1) for key, value in sums.items()}
     results["mean_objects"] = results.pop("count")
+    results["alpha_coverage"] = results.pop("alpha")
+    bg_sse = results.pop("bg_sse")
+    results["fg_explained"] = 1 - results["mse"] / bg_sse if bg_sse > 0 else 0.0
+    failure, reason = bg_failure_verdict(results["fg_explained"], results["mean_objects"], results["alpha_coverage"])
+    results["bg_failure"] = failure
+    results["bg_failure_reason"] = reason
     results["num_images"] = n
     results["mode"] = mode
     if accumulator is not None:

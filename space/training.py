@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_weights, read_checkpoint, save_checkpoint
 from .config import BEST_METRICS, ModelConfig, TrainConfig, to_dict
-from .evaluation import evaluate, resolve_device
+from .evaluation import RESEED_REMEDY, evaluate, resolve_device
 from .io import write_json, write_text
 from .model import Space, SpaceOutput, build_optimizers
 from .schedules import Priors, priors_at
@@ -297,10 +297,16 @@ class Trainer:
         if val_due:
             metrics = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_num_images,
                                self.device, progress=False)
-            self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse")
+            self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse",
+                                                                    "fg_explained", "alpha_coverage", "mean_objects")
                                   if metrics.get(k) is not None})
             if writer is not None:
                 _val_tensorboard(writer, step, metrics)
+            if metrics["bg_failure"] and step >= cfg.eval_every:
+                message = f"step {step}: {metrics['bg_failure_reason']}; if it persists, {RESEED_REMEDY}"
+                log.warning(message)
+                if self.progress:
+                    tqdm.write(f"warning: {message}")
             self._maybe_save_best(metrics, step, after)
 
     def _has_val(self) -> bool:

@@ -4,7 +4,7 @@ import pandas as pd
 import space
 from space.cli import stage_main
 from space.config import load_params
-from space.evaluation import evaluate, resolve_device
+from space.evaluation import RESEED_REMEDY, evaluate, resolve_device
 from space.experiment import build_dataset, load_experiment
 from space.io import write_json, write_text
 
@@ -24,7 +24,9 @@ def main(args):
     else:
         write_text(f"plots/ap/{exp.name}.csv", "iou_threshold,ap\n")
     write_json(f"metrics/{exp.name}.json", results)
-    print({k: results[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse") if k in results})
+    print({k: results[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse", "bg_failure") if k in results})
+    if results["bg_failure"]:
+        print(f"warning: {results['bg_failure_reason']}; {RESEED_REMEDY}")
 
 
 if __name__ == "__main__":
