@@ -15,9 +15,14 @@ _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
 
 def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float | torch.Tensor) -> torch.Tensor:
-    """Elementwise log N(x; mean, std^2)."""
+    """Elementwise log N(x; mean, std^2).
+
+    A float std becomes a float32 tensor first, as torch.distributions.Normal does, so that the
+    log and the square are taken in float32 like the original's."""
+    if not torch.is_tensor(std):
+        std = torch.tensor(std, dtype=x.dtype, device=x.device)
     var = std ** 2
-    log_std = math.log(std) if isinstance(std, float) else std.log()
+    log_std = std.log()
     return -((x - mean) ** 2) / (2 * var) - log_std - _LOG_SQRT_2PI
 
 
@@ -33,7 +38,9 @@ def normal_sample(mean: torch.Tensor, std: torch.Tensor, deterministic: bool) ->
     """Reparameterised sample, or the mean in deterministic mode."""
     if deterministic:
         return mean
-    return mean + std * torch.randn_like(mean)
+    # randn, not randn_like: a sliced (non-contiguous) mean would get its noise in a permuted
+    # layout, and the original draws contiguous noise (same draws, same order as its rsample).
+    return mean + std * torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
 
 
 def relaxed_bernoulli_logit_sample(logits: torch.Tensor, tau: float, deterministic: bool) -> torch.Tensor:
@@ -44,7 +51,7 @@ def relaxed_bernoulli_logit_sample(logits: torch.Tensor, tau: float, determinist
     if deterministic:
         return logits / tau
     p = torch.sigmoid(logits).clamp(EPS_PROB, 1 - EPS_PROB)
-    u = torch.rand_like(logits).clamp(EPS_PROB, 1 - EPS_PROB)
+    u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(EPS_PROB, 1 - EPS_PROB)
     return (u.log() - (-u).log1p() + p.log() - (-p).log1p()) / tau
 
 

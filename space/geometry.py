@@ -21,9 +21,9 @@ def _theta(z_where: torch.Tensor, inverse: bool) -> torch.Tensor:
     """Affine matrices (M, 2, 3) for grid sampling, as the original's spatial_transform."""
     sx, sy, tx, ty = z_where.unbind(-1)
     zero = torch.zeros_like(sx)
-    if inverse:
-        sx, sy = 1 / (sx + INVERSE_EPS), 1 / (sy + INVERSE_EPS)
-        tx, ty = -tx * sx, -ty * sy
+    if inverse:  # the shift by division, as the original (bit-identical pastes)
+        sx, sy, tx, ty = (1 / (sx + INVERSE_EPS), 1 / (sy + INVERSE_EPS),
+                          -tx / (sx + INVERSE_EPS), -ty / (sy + INVERSE_EPS))
     return torch.stack((torch.stack((sx, zero, tx), -1), torch.stack((zero, sy, ty), -1)), -2)
 
 
