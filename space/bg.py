@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fastpath import spatial_broadcast_decode
 from .distributions import normal_kl, normal_log_prob, normal_sample
 from .layers import conv_bn_elu, pixel_shuffle_decoder, scaled
 
@@ -109,12 +110,15 @@ class CompDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.size = cfg.image_size + SPATIAL_BROADCAST_PAD
+        self.fast_path = cfg.fast_path
         c = scaled(32, cfg.bg_width)
         self.spatial_broadcast = SpatialBroadcast()
         self.decoder = nn.Sequential(*conv_bn_elu(cfg.z_comp_dim + 2, c, 3, 1, 0), *conv_bn_elu(c, c, 3, 1, 0),
                                      *conv_bn_elu(c, c, 3, 1, 0), *conv_bn_elu(c, c, 3, 1, 0), nn.Conv2d(c, 3, 1, 1, 0))
 
     def forward(self, z_comp: torch.Tensor) -> torch.Tensor:
+        if self.fast_path:  # the first conv split into a per-sample and a shared term (fastpath.py)
+            return spatial_broadcast_decode(self.decoder, z_comp, self.size)
         return torch.sigmoid(self.decoder(self.spatial_broadcast(z_comp, self.size)))
 
 

@@ -31,6 +31,9 @@ class ModelConfig:
     image_size: int = 128  # square images; a power of two and a multiple of 16
     fg_width: float = 1.0  # channel multiplier of the foreground networks
     bg_width: float = 1.0  # channel multiplier of the heavy background networks
+    # The same mathematics computed without full-resolution maps per cell (space/fastpath.py);
+    # False runs the SPEC-literal reference code. Not an architecture change: weights are shared.
+    fast_path: bool = True
     # Foreground (SPEC 1.2).
     G: int = 8
     fg_sigma: float = 0.15

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .distributions import bernoulli_kl, normal_kl, normal_log_prob, normal_sample, relaxed_bernoulli_logit_sample
+from .fastpath import compose, crop_glimpses_batched
 from .geometry import crop_glimpses, paste_glimpses
 from .layers import conv_celu_gn, scaled, upsample_block
 from .schedules import Priors
@@ -33,6 +34,28 @@ def boundary_kernel(size: int, width: int) -> torch.Tensor:
     kernel = torch.full((size, size), BOUNDARY_VALUE)
     kernel[width:size - width, width:size - width] = 0
     return kernel
+
+
+def compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor,
+                      z_where: torch.Tensor, image_size: int, boundary: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """SPEC-literal composition (SPEC 4.5, 4.6): paste every cell's maps to full resolution and take
+    the softmax of importance over all N cells per pixel (cells not covering a pixel still count,
+    each with exp(0) = 1). The reference that ``fastpath.compose`` is tested against.
+
+    Args:
+        importance, alpha_att_hat, boundary: (B*N, 1, h, w); y_att: (B*N, 3, h, w); z_where: (B, N, 4).
+    Returns:
+        fg (B, 3, H, W), alpha_map (B, 1, H, W), the summed pasted boundary (B, 1, H, W) or None,
+        and the weights (B, N, 1, H, W).
+    """
+    B, N, H = z_where.size(0), z_where.size(1), image_size
+    where = z_where.reshape(B * N, 4)
+    weights = torch.softmax(paste_glimpses(importance, where, H).view(B, N, 1, H, H), dim=1)
+    fg = (paste_glimpses(y_att, where, H).view(B, N, 3, H, H) * weights).sum(1)
+    alpha_map = (paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H) * weights).sum(1)
+    boundary_sum = None if boundary is None else paste_glimpses(boundary, where, H).view(B, N, 1, H, H).sum(1)
+    return fg, alpha_map, boundary_sum, weights
 
 
 class ImgEncoderFg(nn.Module):
@@ -207,8 +230,11 @@ class SpaceFg(nn.Module):
         z_where = torch.cat((z_scale, z_shift), -1)  # (B, N, 4)
 
         # 2. Crop a glimpse per cell and encode it.
-        x_repeat = torch.repeat_interleave(x, N, dim=0)  # (B*N, 3, H, W): row b*N + n is cell n of image b
-        glimpses = crop_glimpses(x_repeat, z_where.reshape(B * N, 4), h)  # (B*N, 3, h, w)
+        if cfg.fast_path:
+            glimpses = crop_glimpses_batched(x, z_where, h)  # (B*N, 3, h, w), without repeating x
+        else:
+            x_repeat = torch.repeat_interleave(x, N, dim=0)  # (B*N, 3, H, W): row b*N + n is cell n of image b
+            glimpses = crop_glimpses(x_repeat, z_where.reshape(B * N, 4), h)  # (B*N, 3, h, w)
         z_what_mean, z_what_std = self.z_what_net(glimpses)
         z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
 
@@ -218,20 +244,17 @@ class SpaceFg(nn.Module):
         y_att = alpha_att_hat * o_att
         importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))
 
-        # 4. Compose: paste every cell to full resolution, softmax of importance over all N cells
-        # (cells not covering a pixel still count, each with exp(0) = 1; SPEC 4.5).
-        where = z_where.reshape(B * N, 4)
-        importance_full = paste_glimpses(importance, where, H).view(B, N, 1, H, H)
-        weights = torch.softmax(importance_full, dim=1)  # (B, N, 1, H, W)
-        y_full = paste_glimpses(y_att, where, H).view(B, N, 3, H, H)
-        fg = (y_full * weights).sum(1)  # (B, 3, H, W)
-        alpha_full = paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H)
-        alpha_map = (alpha_full * weights).sum(1)  # (B, 1, H, W)
-
-        # 5. Boundary loss (SPEC 4.6).
+        # 4. Compose by importance, and 5. the boundary map (SPEC 4.5, 4.6).
+        kernel = None
         if priors.boundary_loss:
             kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.reshape(B * N, 1, 1, 1)
-            boundary_map = paste_glimpses(kernel, where, H).view(B, N, 1, H, H).sum(1) * BOUNDARY_SCALE
+        if cfg.fast_path:
+            fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel)
+            weights = None
+        else:
+            fg, alpha_map, boundary_sum, weights = compose_reference(importance, y_att, alpha_att_hat, z_where, H, kernel)
+        if priors.boundary_loss:
+            boundary_map = boundary_sum * BOUNDARY_SCALE
             overlap = boundary_map * alpha_map
             boundary_loss = -normal_log_prob(overlap, torch.zeros_like(overlap), BOUNDARY_STD).flatten(1).sum(1)
         else:

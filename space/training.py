@@ -92,7 +92,8 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
     """A short hash of what defines a run's trajectory (not its length or logging intervals), so
     that a re-run with more steps resumes, and a change of seed or model starts afresh."""
     keys = ("seed", "batch_size", "clip_norm", "fg_optim", "fg_lr", "bg_optim", "bg_lr")
-    identity = {"model": to_dict(model_cfg), "train": {k: getattr(train_cfg, k) for k in keys}, "data": data or {}}
+    model = {k: v for k, v in to_dict(model_cfg).items() if k != "fast_path"}  # same maths either way
+    identity = {"model": model, "train": {k: getattr(train_cfg, k) for k in keys}, "data": data or {}}
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
