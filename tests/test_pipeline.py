@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import ORIGINAL_NAMES, ROOT
@@ -87,3 +88,38 @@ def test_unknown_experiment_and_key_give_one_clear_error(tmp_path):
     result = run_stage("train", "rooms", tmp_path, bad)
     assert result.returncode == 1 and "invalid value for 'model.G': 5; allowed: one of (4, 8, 16)" in result.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_two_experiments_at_once_do_not_corrupt_each_other(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = params["exp"]["rooms"]
+    for name, seed in (("a", 1), ("b", 2)):
+        params["exp"][name] = {
+            "data": {**base["data"], "root": f"data/rooms_{name}", "num_train": 6, "num_val": 2, "num_test": 2},
+            "model": base["model"],
+            "train": {**base["train"], "seed": seed, "max_steps": 3, "batch_size": 2, "save_every": 1,
+                      "eval_every": 2, "val_num_images": 2, "plot_every": 1, "device": "cpu"},
+        }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def both(stage):
+        processes = [subprocess.Popen([sys.executable, "-m", f"stages.{stage}", name, "--params", str(path)],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for name in ("a", "b")]
+        for process in processes:
+            _, err = process.communicate(timeout=600)
+            assert process.returncode == 0, err[-2000:]
+
+    both("data")
+    both("train")
+    import space
+    a, b = space.load(tmp_path / "models" / "a.pth"), space.load(tmp_path / "models" / "b.pth")
+    assert not torch.equal(a.state_dict()["bg_module.z_mask_0"], b.state_dict()["bg_module.z_mask_0"])
+    runs = sorted(p.parent.parent.name for p in (tmp_path / "checkpoints").glob("*/*/model_*.pth"))
+    assert set(runs) == {"a", "b"}
+    for name in ("a", "b"):
+        rows = (tmp_path / "plots" / "train" / f"{name}.csv").read_text().splitlines()
+        assert rows[0].startswith("step,") and len(rows) == 5  # header + steps 0..3
+    assert not list(tmp_path.rglob(".*.tmp"))
