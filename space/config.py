@@ -142,6 +142,15 @@ class TrainConfig:
     val_mode: str = "deterministic"  # or 'sample', the original's
     best_metric: str = "ap_avg"  # best checkpoint by this validation metric
     max_bad_steps: int = 20  # consecutive non-finite steps before training stops
+    # Scale-out and speed (space/training.py, README "Multi-GPU and multi-node").
+    # Under torchrun each process trains on batch_size images: the global batch is
+    # batch_size x world size (WORLD_SIZE), taken from the same seeded epoch order as one process
+    # with that batch would take it.
+    nproc_per_node: int = 1  # > 1: the train stage relaunches itself through torchrun with N processes
+    sync_batchnorm: bool = True  # under DDP, BatchNorm statistics over the global batch (no effect in one process)
+    amp: str = "none"  # or 'bf16': autocast around the forward (changes numerics slightly)
+    compile: bool = False  # torch.compile the forward (same maths, rounding may differ)
+    latent_mode: str = "sample"  # the original's; 'deterministic' takes latents at their means (no noise)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -167,9 +176,16 @@ class TrainConfig:
             _bad("train.max_steps", self.max_steps, "an integer >= 0")
         if self.num_workers < 0:
             _bad("train.num_workers", self.num_workers, "an integer >= 0")
+        if self.nproc_per_node < 1:
+            _bad("train.nproc_per_node", self.nproc_per_node, "an integer >= 1")
+        if self.amp not in AMP_MODES:
+            _bad("train.amp", self.amp, " or ".join(repr(m) for m in AMP_MODES))
+        if self.latent_mode not in ("sample", "deterministic"):
+            _bad("train.latent_mode", self.latent_mode, "'sample' or 'deterministic'")
 
 
 OPTIMIZERS = ("Adam", "RMSprop", "SGD", "AdamW")
+AMP_MODES = ("none", "bf16")
 # Validation metric -> True when higher is better.
 BEST_METRICS = {"ap_50": True, "ap_avg": True, "count_error_rate": False, "count_accuracy": True}
 

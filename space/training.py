@@ -8,13 +8,39 @@ Beyond the original:
   original updated its list before writing the file, SPEC 13.2 item 5);
 * a non-finite loss or gradient skips the step; ``max_bad_steps`` in a row stop training;
 * a non-finite validation metric never replaces the best checkpoint (SPEC 13.2 item 4).
+
+Scale-out (README "Multi-GPU and multi-node"): run under ``torchrun --nproc_per_node N [--nnodes
+...]`` and the same loop trains with DistributedDataParallel (WORLD_SIZE, RANK and LOCAL_RANK from
+the environment; NCCL on CUDA with one GPU per process, cuda:LOCAL_RANK; gloo on the CPU):
+
+* the global batch is ``batch_size x world_size``: each global batch is taken from the seeded
+  epoch order exactly as one process with that batch would take it, and rank r trains on its
+  slice [r*b, (r+1)*b) (:func:`rank_batches`). An epoch's last, smaller global batch is split as
+  evenly as possible and each rank's loss weighted by its share, so that the gradient is still
+  the mean over the global batch; if it has fewer images than processes, it is left out;
+* DDP averages the gradients; the non-finite check, the joint clip and both optimisers (built
+  from the unwrapped model's fg_module and bg_module, in the original's parameter order) then
+  run identically on every rank. The logged loss and the plot rows are global-batch means;
+* BatchNorm (background module) is synchronised over the global batch when
+  ``train.sync_batchnorm`` (default true): ``nn.SyncBatchNorm`` on CUDA, :class:`CpuSyncBatchNorm`
+  on the CPU, where PyTorch's has no kernel. State-dict keys are unchanged;
+* only rank 0 writes checkpoints, TensorBoard logs, plot CSVs and best checkpoints, and runs the
+  validation while the others wait at a barrier;
+* RNG: the model is initialised from ``seed`` on every rank (and DDP broadcasts rank 0's weights),
+  then each rank reseeds torch, numpy and Python with :func:`rank_seed` (seed, rank), so sampling
+  noise differs across ranks. Each checkpoint holds every rank's RNG state (gathered to rank 0);
+  all ranks resume from the same checkpoint, read by rank 0 and broadcast, and each restores its
+  own RNG state, so a resume with the same world size is exact. With another world size the RNG
+  cannot be restored: each rank reseeds from (seed, rank, step) and a warning says so.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import statistics
 from collections import deque
@@ -24,6 +50,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -58,22 +85,247 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """A 32-bit seed for one rank's sampling noise under DDP: a pure function of (seed, rank, ...)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1)[0])
+
+
+def rank_batches(order: np.ndarray, global_batch: int, world_size: int = 1,
+                 rank: int = 0) -> list[tuple[list[int], int]]:
+    """This rank's part of every global batch of one epoch, with the global batch's size.
+
+    Global batches are consecutive slices of ``order`` of ``global_batch`` images, as one process
+    with that batch takes them (drop_last = False); rank r gets [r*b, (r+1)*b) of each, with b =
+    global_batch / world_size. The last, smaller global batch of m images is split into
+    world_size contiguous parts as even as possible (sizes differ by at most one); if m <
+    world_size it is left out, since every rank must train on at least one image. With one
+    process this is simply the original's batches.
+    """
+    if global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} is not a multiple of the world size {world_size}")
+    b = global_batch // world_size
+    out = []
+    for start in range(0, len(order), global_batch):
+        chunk = order[start:start + global_batch]
+        m = len(chunk)
+        if m == global_batch:
+            part = chunk[rank * b:(rank + 1) * b]
+        elif m >= world_size:
+            q, extra = divmod(m, world_size)
+            first = rank * q + min(rank, extra)
+            part = chunk[first:first + q + (rank < extra)]
+        else:
+            continue
+        out.append((part.tolist(), m))
+    return out
+
+
+# -- processes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: world size, global rank and rank on its node (torchrun's names)."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    """The process group if one is initialised, else torchrun's WORLD_SIZE, RANK and LOCAL_RANK
+    variables; one process without either."""
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return DistEnv(dist.get_world_size(), rank, int(os.environ.get("LOCAL_RANK", rank)))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return DistEnv(world_size, rank, int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started by torchrun (torch.distributed.run)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup_distributed(device: str = "auto") -> tuple[DistEnv, torch.device]:
+    """Join the process group when there are several processes, and pick this process's device.
+
+    One process: ``device`` as given ('auto': CUDA when present). Several: the default process
+    group is initialised from the environment if not yet (NCCL on CUDA, gloo on the CPU), and a
+    CUDA device becomes cuda:LOCAL_RANK, one GPU per process.
+    """
+    env = dist_env()
+    base = resolve_device(device)
+    if not env.distributed:
+        return env, base
+    if base.type == "cuda":
+        count = torch.cuda.device_count()
+        if env.local_rank >= count:
+            raise RuntimeError(f"process with LOCAL_RANK {env.local_rank} has no GPU: this node has {count}; "
+                               f"start at most {count} processes per node (--nproc_per_node / "
+                               f"train.nproc_per_node)")
+        if base.index is not None and base.index != env.local_rank:
+            log.warning("train.device %s ignored under DDP: rank %d uses cuda:%d (LOCAL_RANK)", base, env.rank,
+                        env.local_rank)
+        base = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(base)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if base.type == "cuda" else "gloo")
+        env = dist_env()
+    return env, base
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if this process is in one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier(env: DistEnv, device: torch.device) -> None:
+    if env.distributed:
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
+
+
+# -- synchronised BatchNorm -------------------------------------------------------------------
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over all processes, differentiable: the gradient of each input is the sum of the
+    output's gradients over all processes (as torch.distributed.nn's, now deprecated)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm with statistics over every process's batch, for the CPU (gloo).
+
+    PyTorch's ``nn.SyncBatchNorm`` has CUDA kernels only. This one computes the same thing with
+    differentiable all-reductions : the global mean, then the global
+    biased variance for normalising and the unbiased one for the running statistics, exactly as
+    BatchNorm over the concatenated batch. Outside a process group of two or more, or in eval
+    mode, it is plain BatchNorm. Parameters and buffers are BatchNorm's (same state-dict keys).
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        C = input.shape[1]
+        dims = (0, *range(2, input.dim()))
+        shape = (1, C) + (1,) * (input.dim() - 2)
+        x = input.float()
+        local = torch.cat((x.sum(dims), x.new_tensor([x.numel() // C])))
+        total = _AllReduceSum.apply(local)
+        count = total[C].detach()
+        mean = total[:C] / count
+        centred = x - mean.view(shape)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / count
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                unbiased = var.detach() * (count / (count - 1).clamp(min=1))
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        return y.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``module`` synchronised across processes, in place where it can be:
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` on CUDA, :class:`CpuSyncBatchNorm` on the CPU.
+    The parameters are the same objects and the state-dict keys are unchanged."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (CpuSyncBatchNorm,
+                                                                                       nn.SyncBatchNorm)):
+        out = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+        return out
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module
+
+
+# -- one step ---------------------------------------------------------------------------------
+
+def autocast(device: torch.device, amp: str = "none"):
+    """bf16 autocast for ``amp='bf16'``, else nothing."""
+    if amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(model: Space, optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], x: torch.Tensor,
-               priors: Priors, clip_norm: float) -> tuple[SpaceOutput, bool]:
+               priors: Priors, clip_norm: float, mode: str = "sample", amp: str = "none",
+               global_count: int | None = None) -> tuple[SpaceOutput, bool]:
     """One step in the original's order (SPEC 8.2): forward, zero fg then bg, backward, one joint
     clip, step fg then bg. Returns the output and whether the step was applied: a non-finite loss
-    or gradient norm skips both optimiser steps."""
+    or gradient norm skips both optimiser steps.
+
+    Args:
+        model: the model, or its DDP (or compiled) wrapper; ``model(x, priors, mode)``.
+        mode: the latents' mode in the forward ('sample', the original's, or 'deterministic').
+        amp: 'bf16' runs the forward (only) under bf16 autocast.
+        global_count: under DDP, the number of images in the global batch of which ``x`` is this
+            rank's part. The loss is then all-reduced, so the finiteness check agrees on every
+            rank and ``out.loss`` becomes the global batch's mean loss (detached); a rank whose
+            part is not exactly global_count / world_size weights its loss by its share.
+    """
     model.train()
     # A skipped step must leave the model as it was: BatchNorm running statistics are updated by
     # the forward itself, so keep a copy of the (small) buffers to put back.
     buffers = [b.detach().clone() for b in model.buffers()]
-    out = model(x, priors)
+    with autocast(x.device, amp):
+        out = model(x, priors, mode)
     fg_opt, bg_opt = optimizers
     fg_opt.zero_grad()
     bg_opt.zero_grad()
-    finite = bool(torch.isfinite(out.loss))
+    loss = out.loss
+    if global_count is None:
+        finite = bool(torch.isfinite(loss))
+    else:
+        n, world_size = x.shape[0], dist.get_world_size()
+        total = (loss.detach().float() * n).reshape(1)
+        dist.all_reduce(total)
+        out.loss = total[0] / global_count
+        finite = bool(torch.isfinite(out.loss))
+        if n * world_size != global_count:
+            loss = loss * (n * world_size / global_count)
     if finite:
-        out.loss.backward()
+        loss.backward()
         total_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm else math.inf)
         finite = bool(torch.isfinite(total_norm))
     if not finite:
@@ -88,22 +340,39 @@ def train_step(model: Space, optimizers: tuple[torch.optim.Optimizer, torch.opti
     return out, True
 
 
-def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None) -> str:
+def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None,
+           world_size: int = 1) -> str:
     """A short hash of what defines a run's trajectory (not its length or logging intervals), so
-    that a re-run with more steps resumes, and a change of seed or model starts afresh."""
+    that a re-run with more steps resumes, and a change of seed or model starts afresh.
+
+    The batch is the global one (batch_size x world_size): 2 processes of 8 continue a run of 1
+    process of 16. Keys beyond the original enter only at non-default values, so that the ids of
+    existing runs stay the same.
+    """
     keys = ("seed", "batch_size", "clip_norm", "fg_optim", "fg_lr", "bg_optim", "bg_lr")
     model = {k: v for k, v in to_dict(model_cfg).items() if k != "fast_path"}  # same maths either way
-    identity = {"model": model, "train": {k: getattr(train_cfg, k) for k in keys}, "data": data or {}}
+    train = {k: getattr(train_cfg, k) for k in keys}
+    train["batch_size"] = train_cfg.batch_size * world_size
+    if train_cfg.latent_mode != "sample":
+        train["latent_mode"] = train_cfg.latent_mode
+    if train_cfg.amp != "none":
+        train["amp"] = train_cfg.amp
+    if world_size > 1 and not train_cfg.sync_batchnorm:
+        train["sync_batchnorm"] = False
+    identity = {"model": model, "train": train, "data": data or {}}
     return hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(current_cuda_only: bool = False) -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
              "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        if current_cuda_only:  # under DDP a rank draws on its own GPU only
+            state["cuda_current"] = torch.cuda.get_rng_state()
+        else:
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -114,6 +383,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_current" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_current"])
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -136,15 +407,18 @@ class _Position:
 class Trainer:
     """Trains one experiment; re-running it resumes from the last checkpoint in ``run_dir``.
 
+    In one process, or in every process of a torchrun launch (DDP; see the module docstring):
+    each process builds its own Trainer with the same arguments and calls :meth:`fit`.
+
     Args:
         model_cfg, train_cfg: the configuration.
         train_set: yields image tensors.
         val_set: optional validation dataset; with ground truth (``has_boxes``), AP and counts
-            are computed every ``eval_every`` steps and the best checkpoint is kept.
+            are computed every ``eval_every`` steps and the best checkpoint is kept (on rank 0).
         run_dir: where checkpoints live (outside DVC outputs, so a reproduction keeps them).
         log_dir: TensorBoard folder, or None.
         plots_path: CSV of training curves for DVC, or None.
-        data_identity: what identifies the data (goes into the run id).
+        progress: show a progress bar (rank 0 only).
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, train_set: Dataset, run_dir: Path,
@@ -155,10 +429,20 @@ class Trainer:
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.train_set, self.val_set = train_set, val_set
         self.run_dir, self.log_dir, self.plots_path = Path(run_dir), log_dir, plots_path
-        self.progress = progress
-        self.device = resolve_device(train_cfg.device)
-        seed_everything(train_cfg.seed)
-        self.model = Space(model_cfg).to(self.device)
+        self.env, self.device = setup_distributed(train_cfg.device)
+        env = self.env
+        if len(train_set) < env.world_size:
+            raise ValueError(f"the training split has {len(train_set)} images, fewer than the {env.world_size} "
+                             f"processes: every process needs at least one")
+        self.progress = progress and env.is_main
+        seed_everything(train_cfg.seed)  # the same initial weights on every rank
+        model = Space(model_cfg)
+        if env.distributed and train_cfg.sync_batchnorm:
+            model = convert_sync_batchnorm(model, self.device)
+        self.model = model.to(self.device)
+        if env.distributed:  # each rank its own sampling noise
+            seed_everything(rank_seed(train_cfg.seed, env.rank))
+        # From the unwrapped model's submodules: the original's parameter order, whatever wraps it.
         self.optimizers = build_optimizers(self.model, train_cfg.fg_optim, train_cfg.fg_lr,
                                            train_cfg.bg_optim, train_cfg.bg_lr)
         self.position = _Position()
@@ -166,10 +450,23 @@ class Trainer:
         self.losses: deque[float] = deque(maxlen=20)  # the original logs the median of the last 20
         self.best: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
+        self.last_saved: int | None = None  # step of the newest checkpoint of this run
         self._resume()
+        self._val_on = self._has_val()
+        if env.distributed:  # rank 0 decides, so that every rank takes part in the same collectives
+            flag = [self._val_on]
+            dist.broadcast_object_list(flag, src=0)
+            self._val_on = flag[0]
+        self.forward_model: nn.Module = self.model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if train_cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _resume(self) -> None:
+    def _find_resumable(self) -> tuple[str, dict[str, Any]] | None:
         for path in reversed(find_checkpoints(self.run_dir)):
             try:
                 ckpt = read_checkpoint(path)
@@ -177,27 +474,66 @@ class Trainer:
             except (CheckpointError, FileNotFoundError) as error:
                 log.warning("skipping unusable checkpoint %s: %s", path, error)
                 continue
-            self.optimizers[0].load_state_dict(ckpt["optimizer_fg"])
-            self.optimizers[1].load_state_dict(ckpt["optimizer_bg"])
-            resume = ckpt["resume"]
-            self.position = _Position(ckpt["global_step"] + 1, resume["epoch"], resume["batch"])
-            self.rows = [row for row in json.loads(resume["rows"]) if row["step"] <= ckpt["global_step"]]
-            self.losses.extend(resume["losses"])
-            best_json = self.run_dir / f"best_{self.cfg.best_metric}.json"  # the file on disk is authoritative
-            self.best = json.loads(best_json.read_text()) if best_json.is_file() else None
-            _set_rng_state(resume["rng"])
-            self.resumed_from = path
-            log.info("resumed from %s at step %d", path, self.position.step)
+            return str(path), ckpt
+        return None
+
+    def _resume(self) -> None:
+        """Rank 0 finds the last usable checkpoint and, under DDP, sends it to every rank (their
+        file system may not be rank 0's); all ranks then load the same state."""
+        env = self.env
+        found = self._find_resumable() if env.is_main else None
+        if env.distributed:
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+            if found is not None and not env.is_main:
+                load_weights(self.model, found[1], found[0])
+        if found is None:
             return
+        path, ckpt = Path(found[0]), found[1]
+        self.optimizers[0].load_state_dict(ckpt["optimizer_fg"])
+        self.optimizers[1].load_state_dict(ckpt["optimizer_bg"])
+        resume = ckpt["resume"]
+        self.position = _Position(ckpt["global_step"] + 1, resume["epoch"], resume["batch"])
+        self.rows = [row for row in json.loads(resume["rows"]) if row["step"] <= ckpt["global_step"]]
+        self.losses.extend(resume["losses"])
+        best_json = self.run_dir / f"best_{self.cfg.best_metric}.json"  # the file on disk is authoritative
+        self.best = json.loads(best_json.read_text()) if env.is_main and best_json.is_file() else None
+        self._restore_rng(resume, ckpt["global_step"])
+        self.resumed_from = path
+        self.last_saved = ckpt["global_step"]
+        log.info("resumed from %s at step %d", path, self.position.step)
+
+    def _restore_rng(self, resume: Mapping[str, Any], step: int) -> None:
+        env = self.env
+        saved_world = resume.get("world_size", 1)
+        if saved_world == env.world_size:
+            _set_rng_state(resume["rng_ranks"][env.rank] if env.distributed else resume["rng"])
+            return
+        # Another number of processes: there is no state for this rank to restore.
+        seed_everything(rank_seed(self.cfg.seed, env.rank, step))
+        if env.is_main:
+            log.warning("checkpoint written by %d process(es), resumed by %d: RNG states reseeded from (seed, rank, "
+                        "step), so sampling noise differs from an uninterrupted run", saved_world, env.world_size)
 
     def _save(self, step: int, position: _Position) -> Path:
+        """A checkpoint at ``step`` (all ranks call this: their RNG states are gathered; rank 0 writes)."""
+        env = self.env
         path = checkpoint_path(self.run_dir, step)
-        extra = {"resume": {"epoch": position.epoch, "batch": position.batch, "rng": _rng_state(),
-                            "rows": json.dumps(self.rows),
-                            "losses": list(self.losses)}}
-        save_checkpoint(path, self.model, self.optimizers, step, position.epoch, self.cfg, extra)
-        for old in find_checkpoints(self.run_dir)[:-self.cfg.max_ckpt]:  # prune after the new one exists
-            old.unlink(missing_ok=True)
+        state = _rng_state(current_cuda_only=env.distributed)
+        states: list[Any] | None = [state]
+        if env.distributed:
+            states = [None] * env.world_size if env.is_main else None
+            dist.gather_object(state, states, dst=0)
+        if env.is_main:
+            resume = {"epoch": position.epoch, "batch": position.batch, "rng": states[0],
+                      "rows": json.dumps(self.rows), "losses": list(self.losses)}
+            if env.distributed:
+                resume.update(world_size=env.world_size, rng_ranks=states)
+            save_checkpoint(path, self.model, self.optimizers, step, position.epoch, self.cfg, {"resume": resume})
+            for old in find_checkpoints(self.run_dir)[:-self.cfg.max_ckpt]:  # prune after the new one exists
+                old.unlink(missing_ok=True)
+        self.last_saved = step
         return path
 
     def _maybe_save_best(self, metrics: Mapping[str, Any], step: int, position: _Position) -> None:
@@ -215,10 +551,11 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Space:
-        """Train to ``max_steps`` (steps 0..max_steps, as the original) and return the model."""
-        cfg, model = self.cfg, self.model
+        """Train to ``max_steps`` (steps 0..max_steps, as the original) and return the (unwrapped) model."""
+        cfg, env = self.cfg, self.env
         n = len(self.train_set)
-        batches_per_epoch = math.ceil(n / cfg.batch_size)
+        global_batch = cfg.batch_size * env.world_size
+        batches_per_epoch = len(rank_batches(np.arange(n), global_batch, env.world_size, env.rank))
         writer = self._writer()
         losses = self.losses
         bad_steps = 0
@@ -228,14 +565,16 @@ class Trainer:
         try:
             while pos.step <= cfg.max_steps and pos.epoch < cfg.max_epochs:
                 order = epoch_order(cfg.seed, pos.epoch, n)
-                batches = [order[i:i + cfg.batch_size].tolist() for i in range(0, n, cfg.batch_size)]
-                loader = DataLoader(self.train_set, batch_sampler=batches[pos.batch:], num_workers=cfg.num_workers,
+                batches = rank_batches(order, global_batch, env.world_size, env.rank)[pos.batch:]
+                loader = DataLoader(self.train_set, batch_sampler=[part for part, _ in batches],
+                                    num_workers=cfg.num_workers,
                                     generator=torch.Generator().manual_seed(cfg.seed + pos.epoch),
                                     pin_memory=self.device.type == "cuda")
-                for x in loader:
+                for x, (_, count) in zip(loader, batches):
                     step = pos.step
-                    out, ok = train_step(model, self.optimizers, x.to(self.device, non_blocking=True),
-                                         priors_at(self.model_cfg, step), cfg.clip_norm)
+                    out, ok = train_step(self.forward_model, self.optimizers, x.to(self.device, non_blocking=True),
+                                         priors_at(self.model_cfg, step), cfg.clip_norm, cfg.latent_mode, cfg.amp,
+                                         count if env.distributed else None)
                     if ok:
                         bad_steps = 0
                         losses.append(out.loss.item())
@@ -244,7 +583,8 @@ class Trainer:
                         message = (f"non-finite loss or gradient at step {step} (loss {out.loss.item()}); "
                                    f"step skipped ({bad_steps} in a row)")
                         log.warning(message)
-                        bar.write(f"warning: {message}")
+                        if self.progress:
+                            bar.write(f"warning: {message}")
                         if bad_steps >= cfg.max_bad_steps:
                             last = find_checkpoints(self.run_dir)
                             raise TrainingError(
@@ -256,7 +596,7 @@ class Trainer:
                     pos.step += 1
                     after = _Position(pos.step, pos.epoch + 1, 0) if pos.batch >= batches_per_epoch \
                         else _Position(pos.step, pos.epoch, pos.batch)
-                    self._periodic(step, out, ok, losses, after, writer)
+                    self._periodic(step, out, ok, losses, after, writer, count)
                     bar.update(1)
                     if losses:
                         bar.set_postfix(loss=f"{statistics.median(losses):.1f}", epoch=pos.epoch + 1, refresh=False)
@@ -269,46 +609,61 @@ class Trainer:
             if writer is not None:
                 writer.close()
         last_step = pos.step - 1
-        if not find_checkpoints(self.run_dir) or find_checkpoints(self.run_dir)[-1] != checkpoint_path(self.run_dir, last_step):
-            if last_step >= 0:
-                self._save(last_step, pos)
-        self._write_plots()
-        return model
+        if last_step >= 0 and self.last_saved != last_step:
+            self._save(last_step, pos)
+        if env.is_main:
+            self._write_plots()
+        return self.model
 
     def _writer(self):
-        if self.log_dir is None:
+        if self.log_dir is None or not self.env.is_main:
             return None
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(self.log_dir), flush_secs=30, purge_step=self.position.step)
 
-    def _periodic(self, step: int, out: SpaceOutput, ok: bool, losses: deque, after: _Position, writer) -> None:
-        """Logging, plot rows, checkpoints and validation at step t, in the original's order (SPEC 8.3)."""
-        cfg = self.cfg
+    def _periodic(self, step: int, out: SpaceOutput, ok: bool, losses: deque, after: _Position, writer,
+                  count: int | None = None) -> None:
+        """Logging, plot rows, checkpoints and validation at step t, in the original's order (SPEC 8.3).
+
+        Under DDP every rank comes here with the same step: the plot row's batch metrics are
+        all-reduced (global-batch means), the checkpoint gathers every rank's RNG state, and
+        validation runs on rank 0 while the others wait at a barrier; TensorBoard (rank 0) shows
+        rank 0's part of the batch, with the global median loss.
+        """
+        cfg, env = self.cfg, self.env
         if step % cfg.print_every == 0 and writer is not None and ok:
             self._tensorboard(writer, step, out, losses)
-        val_due = cfg.eval_on and step % cfg.eval_every == 0 and self._has_val()
+        val_step = cfg.eval_on and step % cfg.eval_every == 0
+        val_due = val_step and self._val_on
         if step % cfg.plot_every == 0 or val_due:
-            row = {"step": step, **_batch_metrics(out)}
+            row = {"step": step, **_batch_metrics(out, count if env.distributed else None)}
             if losses:
                 row["loss"] = statistics.median(losses)
             self.rows.append(row)
         if step % cfg.save_every == 0:
             self._save(step, after)
-            self._write_plots()
+            if env.is_main:
+                self._write_plots()
         if val_due:
-            metrics = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_num_images,
-                               self.device, progress=False)
-            self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse",
-                                                                    "fg_explained", "alpha_coverage", "mean_objects")
-                                  if metrics.get(k) is not None})
-            if writer is not None:
-                _val_tensorboard(writer, step, metrics)
-            if metrics["bg_failure"] and step >= cfg.eval_every:
-                message = f"step {step}: {metrics['bg_failure_reason']}; if it persists, {RESEED_REMEDY}"
-                log.warning(message)
-                if self.progress:
-                    tqdm.write(f"warning: {message}")
-            self._maybe_save_best(metrics, step, after)
+            if env.is_main:
+                self._validate(step, after, writer)
+            _barrier(env, self.device)
+
+    def _validate(self, step: int, after: _Position, writer) -> None:
+        cfg = self.cfg
+        metrics = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_num_images,
+                           self.device, progress=False)
+        self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse",
+                                                                "fg_explained", "alpha_coverage", "mean_objects")
+                              if metrics.get(k) is not None})
+        if writer is not None:
+            _val_tensorboard(writer, step, metrics)
+        if metrics["bg_failure"] and step >= cfg.eval_every:
+            message = f"step {step}: {metrics['bg_failure_reason']}; if it persists, {RESEED_REMEDY}"
+            log.warning(message)
+            if self.progress:
+                tqdm.write(f"warning: {message}")
+        self._maybe_save_best(metrics, step, after)
 
     def _has_val(self) -> bool:
         return self.val_set is not None and bool(getattr(self.val_set, "has_boxes", False)) and len(self.val_set) > 0
@@ -339,10 +694,17 @@ class Trainer:
         write_text(self.plots_path, frame.to_csv(index=False, float_format="%.6g"))
 
 
-def _batch_metrics(out: SpaceOutput) -> dict[str, float]:
-    values = {key: getattr(out, key).mean().item() for key in TRAIN_METRICS if key not in ("count", "loss")}
-    values["count"] = out.z_pres.flatten(1).sum(1).mean().item()
-    return values
+def _batch_metrics(out: SpaceOutput, global_count: int | None = None) -> dict[str, float]:
+    """Batch means of the logged terms; under DDP (``global_count`` given) over the global batch."""
+    keys = [key for key in TRAIN_METRICS if key not in ("count", "loss")]
+    with torch.no_grad():
+        values = torch.stack([getattr(out, key).detach().float().mean() for key in keys]
+                             + [out.z_pres.detach().float().flatten(1).sum(1).mean()])
+        if global_count is not None:
+            values = values * out.imgs.shape[0]
+            dist.all_reduce(values)
+            values = values / global_count
+    return dict(zip(keys + ["count"], values.tolist()))
 
 
 def _val_tensorboard(writer, step: int, metrics: Mapping[str, Any]) -> None:

@@ -1,28 +1,77 @@
-"""Stage train: train SPACE (resuming from the last checkpoint), or import a pretrained file."""
+"""Stage train: train SPACE (resuming from the last checkpoint), or import a pretrained file.
+
+With ``train.nproc_per_node`` N > 1 the stage relaunches itself through torchrun
+(``python -m torch.distributed.run --standalone --nproc_per_node N -m stages.train ...``), so that
+``dvc repro`` trains with DistributedDataParallel on N GPUs (or N CPU processes). Started by
+torchrun already (for example on several nodes, see README "Multi-GPU and multi-node"), it runs
+as one of the processes; only rank 0 writes the model, the plots and the checkpoints.
+"""
+import logging
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 import space
 from space.cli import stage_main
+from space.evaluation import resolve_device
 from space.experiment import build_dataset, data_identity, load_experiment
-from space.training import Trainer, run_id
+from space.training import Trainer, dist_env, run_id, shutdown_distributed, under_torchrun
+
+log = logging.getLogger("stages.train")
+
+
+def torchrun_command(nproc_per_node: int, experiment: str, params: str) -> list[str]:
+    """The command that runs this stage in ``nproc_per_node`` processes on this node."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
+            "-m", "stages.train", experiment, "--params", params]
+
+
+def relaunch(nproc_per_node: int, device: str, experiment: str, params: str) -> None:
+    """Run the stage again under torchrun and wait for it; raise if any process failed."""
+    if resolve_device(device).type == "cuda" and nproc_per_node > torch.cuda.device_count():
+        raise ValueError(f"train.nproc_per_node = {nproc_per_node} processes, one per GPU, but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s)")
+    command = torchrun_command(nproc_per_node, experiment, params)
+    log.info("relaunching under torchrun: %s", " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise RuntimeError(f"distributed training with {nproc_per_node} processes failed (torchrun exit code "
+                           f"{code}); the messages above name the failed rank. Re-running resumes from the last "
+                           f"checkpoint")
 
 
 def main(args):
     exp = load_experiment(args.params, args.experiment)
     out, curves = Path(f"models/{exp.name}.pth"), Path(f"plots/train/{exp.name}.csv")
+    env = dist_env()
     if exp.pretrained:  # evaluate and demo a published checkpoint without training
-        model = space.load(exp.pretrained, original=exp.original)
-        space.save_checkpoint(out, model, None, step=0, epoch=0)
-        curves.parent.mkdir(parents=True, exist_ok=True)
-        curves.write_text("step,loss\n")
+        if env.is_main:
+            model = space.load(exp.pretrained, original=exp.original)
+            space.save_checkpoint(out, model, None, step=0, epoch=0)
+            curves.parent.mkdir(parents=True, exist_ok=True)
+            curves.write_text("step,loss\n")
         return
-    rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size))
+    if exp.train.nproc_per_node > 1 and not under_torchrun():
+        relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
+        return
+    rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size), env.world_size)
     val = build_dataset(exp, "val") if exp.train.eval_on else None
-    trainer = Trainer(exp.model, exp.train, build_dataset(exp, "train"), Path("checkpoints", exp.name, rid),
-                      val_set=val, log_dir=Path("logs", exp.name, rid), plots_path=curves)
-    model = trainer.fit()
-    space.save_checkpoint(out, model.cpu(), None, step=trainer.position.step - 1, epoch=trainer.position.epoch,
-                          train_cfg=exp.train)
+    try:
+        trainer = Trainer(exp.model, exp.train, build_dataset(exp, "train"), Path("checkpoints", exp.name, rid),
+                          val_set=val, log_dir=Path("logs", exp.name, rid), plots_path=curves)
+        if trainer.env.distributed and trainer.env.is_main:
+            log.info("DDP: %d processes x batch %d = global batch %d", trainer.env.world_size, exp.train.batch_size,
+                     trainer.env.world_size * exp.train.batch_size)
+        model = trainer.fit()
+        if trainer.env.is_main:
+            space.save_checkpoint(out, model.cpu(), None, step=trainer.position.step - 1,
+                                  epoch=trainer.position.epoch, train_cfg=exp.train)
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":
