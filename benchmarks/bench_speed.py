@@ -1,0 +1,199 @@
+"""Training-step and inference speed, and peak memory, of the reference path vs the fast path.
+
+Usage: .venv/bin/python benchmarks/bench_speed.py [--configs 3d_room_small atari_spaceinvaders]
+           [--batch 12] [--steps 5] [--warmup 1] [--threads 2] [--tasks train infer]
+           [--paths reference fast fast+chunks] [--no-memory] [--thp] [--json FILE]
+
+Variants, all built with the same seed and fed the same random 128 x 128 batch (priors of step 5000):
+
+* reference: the SPEC-literal modules (``fast_path=False`` where the config has that switch);
+* fast: ``space.fastpath.use_fast_path(model, glimpse_chunk=None)``: batched glimpse crop,
+  windowed compositing and boundary map, split spatial-broadcast decoder (the three fast-path
+  pieces; the per-glimpse networks run whole, as in the reference);
+* fast+chunks: the same plus z_what_net and glimpse_dec in checkpointed chunks of
+  ``space.fastpath.GLIMPSE_CHUNK`` glimpses (``use_fast_path(model)``).
+
+Tasks:
+
+* train: space.training.train_step (forward, backward, joint gradient clip, both optimiser steps
+  of space.build_optimizers);
+* infer: one forward in deterministic mode under torch.no_grad, in eval mode.
+
+Time: one subprocess per (config, task) holds all variants and alternates them step by step
+(order reversed every other step), each step seeded identically for all, so that a shared, noisy
+machine slows them alike; the table gives the medians of ``--steps`` steps after ``--warmup``
+warm-up steps, and the speed-up over the first variant. The loss column is a sanity check: the
+same seed gives the same samples, so the losses agree to float rounding (later training steps
+drift apart slowly, as the parameters take slightly different rounding).
+
+Memory: one fresh subprocess per (config, task, variant) runs ``--warmup`` + 1 steps and reports
+the growth of its peak resident set (getrusage ru_maxrss) over them: the high-water mark of one
+step, optimiser state included.
+
+The subprocesses get OMP_WAIT_POLICY=PASSIVE unless the variable is already set: on a machine
+shared with other jobs, OpenMP threads that spin while waiting for a descheduled partner slow
+every parallel operation by milliseconds (much more so for code with many small operations),
+which measures the machine's load more than the code. ``--thp`` sets THP_MEM_ALLOC_ENABLE=1
+(transparent huge pages in PyTorch's CPU allocator) in the subprocesses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+
+from space.fastpath import GLIMPSE_CHUNK  # noqa: E402
+
+# name -> glimpse_chunk for use_fast_path (absent for the reference)
+VARIANTS = {"reference": None, "fast": None, "fast+chunks": GLIMPSE_CHUNK}
+PRIOR_STEP = 5000
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _setup(config: str, path: str, batch: int):
+    """A model (seed 0) with its optimisers, the batch and the priors."""
+    import dataclasses
+
+    import torch
+
+    import space
+    from space.fastpath import use_fast_path
+
+    cfg = space.original_config(config)[0]
+    if hasattr(cfg, "fast_path"):  # the config switch, where it exists: off for the reference
+        cfg = dataclasses.replace(cfg, fast_path=path != "reference")
+    torch.manual_seed(0)
+    model = space.build_model(cfg)
+    if path != "reference":
+        use_fast_path(model, glimpse_chunk=VARIANTS[path])
+    size = model.cfg.image_size
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return model, space.build_optimizers(model), x, space.priors_at(model.cfg, PRIOR_STEP)
+
+
+def _step(task: str, model, optimizers, x, priors, seed: int) -> float:
+    """One seeded training step or inference forward; returns the loss."""
+    import torch
+
+    from space.training import train_step
+
+    torch.manual_seed(seed)
+    if task == "train":
+        out, _ = train_step(model, optimizers, x, priors, 1.0)
+        return out.loss.item()
+    model.eval()
+    with torch.no_grad():
+        return model(x, priors, mode="deterministic").loss.item()
+
+
+def time_worker(config: str, task: str, batch: int, steps: int, warmup: int, paths: list[str]) -> dict:
+    """All paths in one process, alternating; per-path step times and losses."""
+    setups = {path: _setup(config, path, batch) for path in paths}
+    times: dict = {path: [] for path in paths}
+    losses: dict = {path: [] for path in paths}
+    for i in range(warmup + steps):
+        for path in (paths if i % 2 == 0 else paths[::-1]):
+            start = time.perf_counter()
+            losses[path].append(_step(task, *setups[path], seed=1000 + i))
+            times[path].append(time.perf_counter() - start)
+    return {"times_s": times, "losses": losses,
+            "median_s": {path: statistics.median(times[path][warmup:]) for path in paths}}
+
+
+def memory_worker(config: str, path: str, task: str, batch: int, warmup: int) -> dict:
+    """Peak RSS growth over warmup + 1 steps of one path, in a fresh process."""
+    setup = _setup(config, path, batch)
+    base = _maxrss_mib()
+    for i in range(warmup + 1):
+        _step(task, *setup, seed=1000 + i)
+    return {"peak_mib": _maxrss_mib() - base}
+
+
+def run_child(args: argparse.Namespace, *worker_args: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *worker_args, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--paths", *args.paths]
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["3d_room_small", "atari_spaceinvaders"])
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per path (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--paths", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="variants; the first is the baseline of the ratios")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 in the subprocesses")
+    parser.add_argument("--json", type=Path, help="also write all measurements here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        kind, *rest = args.worker
+        if kind == "time":
+            result = time_worker(*rest, args.batch, args.steps, args.warmup, args.paths)
+        else:
+            result = memory_worker(*rest, args.batch, args.warmup)
+        print(json.dumps(result))
+        return
+
+    print(f"batch {args.batch}, 128 x 128, torch threads {args.threads}, median of {args.steps} steps after "
+          f"{args.warmup} warm-up, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, "
+          f"THP_MEM_ALLOC_ENABLE={'1' if args.thp else 'unset'}", flush=True)
+    results: dict = {}
+    for config in args.configs:
+        for task in args.tasks:
+            r = results[config, task] = run_child(args, "time", config, task)
+            r["peak_mib"] = {}
+            for path in args.paths:
+                print(f"  {config} {task} {path:11s} times (s): {', '.join(f'{t:.2f}' for t in r['times_s'][path])}; "
+                      f"losses: {', '.join(f'{v:.7g}' for v in r['losses'][path])}", flush=True)
+            if not args.no_memory:
+                for path in args.paths:
+                    r["peak_mib"][path] = run_child(args, "memory", config, path, task)["peak_mib"]
+                print(f"  {config} {task} peak RSS growth (MiB): "
+                      + ", ".join(f"{path} {mib:.0f}" for path, mib in r["peak_mib"].items()), flush=True)
+    print()
+    base = args.paths[0]
+    header = (f"{'config':20s} {'task':5s} {'path':11s} {'median s':>9s} {'speed-up':>8s} {'peak MiB':>9s} "
+              f"{'mem/ref':>8s} {'max rel. loss diff':>18s}")
+    print(header)
+    print("-" * len(header))
+    for config in args.configs:
+        for task in args.tasks:
+            r = results[config, task]
+            for path in args.paths:
+                seconds = r["median_s"][path]
+                loss_diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(r["losses"][path], r["losses"][base]))
+                mib = r["peak_mib"].get(path)
+                mem = f"{mib:9.0f} {mib / r['peak_mib'][base]:8.3f}" if mib is not None else f"{'-':>9s} {'-':>8s}"
+                print(f"{config:20s} {task:5s} {path:11s} {seconds:9.2f} {r['median_s'][base] / seconds:7.2f}x "
+                      f"{mem} {loss_diff:18.2e}")
+    if args.json:
+        args.json.write_text(json.dumps({"|".join(k): v for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""Fast path: the same mathematics as the SPEC-literal code, several times faster and lighter.
+
+Letters: B batch, N = G*G cells, C channels, H = W image side, h = w glimpse side, M decoder batch,
+P window side, T total number of window pixels.
+
+The SPEC-literal foreground (``fg.SpaceFg.forward``) repeats the image N times to crop glimpses and
+pastes every cell's glimpse maps to full resolution (B*N maps of H*W pixels, several times over),
+then takes a softmax over all N cells per pixel. The SPEC-literal component decoder
+(``bg.CompDecoder``) convolves a (M, D + 2, H + 8, W + 8) tensor in which D channels are constant.
+This module computes the same functions without those redundancies:
+
+* :func:`crop_glimpses_batched`: one grid_sample per image over the N glimpse grids, instead of
+  sampling N copies of the image. Bit-identical outputs (same grid, same per-pixel arithmetic).
+* :func:`compose`: each pasted map is zero outside a small window around its box, so each cell is
+  sampled only on its window and the windows are scatter-added into full resolution; the softmax
+  over all N cells is rebuilt exactly from those sums (see the docstring for the algebra).
+* :func:`spatial_broadcast_decode`: the first convolution of the broadcast decoder splits into a
+  matrix product with z and one convolution of the coordinate channels shared by all samples.
+
+Everything is pure autograd-friendly PyTorch; results equal the reference up to float rounding
+(checked in tests/test_fastpath.py to 1e-5 relative on outputs and gradients).
+:func:`fast_fg_forward` and :func:`fast_comp_decoder_forward` are drop-in forwards for
+``SpaceFg`` and ``CompDecoder`` built from these pieces; :func:`use_fast_path` patches a model.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .geometry import INVERSE_EPS, paste_glimpses
+
+if TYPE_CHECKING:  # imported lazily at run time: fg.py / bg.py may import this module
+    from .bg import CompDecoder
+    from .fg import FgOutput, SpaceFg
+    from .model import Space
+    from .schedules import Priors
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Glimpse cropping
+# --------------------------------------------------------------------------------------------
+
+def _crop_theta(z_where: torch.Tensor) -> torch.Tensor:
+    """(M, 4) -> (M, 2, 3) crop matrices [[sx, 0, tx], [0, sy, ty]], as geometry.crop_glimpses."""
+    sx, sy, tx, ty = z_where.unbind(-1)
+    zero = torch.zeros_like(sx)
+    return torch.stack((torch.stack((sx, zero, tx), -1), torch.stack((zero, sy, ty), -1)), -2)
+
+
+def crop_glimpses_batched(x: torch.Tensor, z_where: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop N glimpses from each image without repeating the image N times.
+
+    Equal to ``crop_glimpses(x.repeat_interleave(N, 0), z_where.reshape(B * N, 4), size)``:
+    the (B*N, h, w, 2) sampling grid is built by the same ``F.affine_grid`` call, so its values
+    are bit-identical; it is then viewed as one (N*h, w) grid per image, and grid_sample computes
+    every output pixel from its own grid point only, so the glimpses are bit-identical too. Only
+    the backward to ``x`` sums the N glimpses' contributions in another order (rounding).
+
+    Args:
+        x: (B, C, H, W) images.
+        z_where: (B, N, 4) boxes [sx, sy, tx, ty].
+        size: glimpse side h = w.
+    Returns:
+        (B*N, C, h, w) glimpses; row b*N + n is cell n of image b.
+    """
+    B, C = x.shape[:2]
+    N = z_where.size(1)
+    theta = _crop_theta(z_where.reshape(B * N, 4))  # (B*N, 2, 3)
+    grid = F.affine_grid(theta, [B * N, C, size, size], align_corners=False)  # (B*N, h, w, 2)
+    glimpses = F.grid_sample(x, grid.view(B, N * size, size, 2), mode="bilinear", padding_mode="zeros",
+                             align_corners=False)  # (B, C, N*h, w)
+    return glimpses.view(B, C, N, size, size).transpose(1, 2).reshape(B * N, C, size, size)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Compositing on windows
+# --------------------------------------------------------------------------------------------
+
+def _bucket_sides(image_size: int) -> list[int]:
+    """Window sides used for bucketing cells: 8, 16, 32, ... and the image side.
+
+    Each bucket costs a few operations whatever its size, so few buckets (factor 2 apart: at
+    most 4x the needed area per window, about 2x on average) beat a finer ladder in practice.
+    """
+    sides, side = [], 8
+    while side < image_size:
+        sides.append(side)
+        side *= 2
+    return sides + [image_size]
+
+
+def _pixel_base(size: int, like: torch.Tensor) -> torch.Tensor:
+    """(size,) pixel-centre coordinates u_j = (2j + 1)/size - 1, computed as F.affine_grid does."""
+    return torch.linspace(-1, 1, size, dtype=like.dtype, device=like.device) * ((size - 1) / size)
+
+
+def _windows(scale: torch.Tensor, shift: torch.Tensor, glimpse_side: int, image_size: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """First pixel and length of the window holding one axis of each pasted map's support.
+
+    The pasted map samples the glimpse at g = a*u + c with a = 1/(s + 1e-9), c = -t/(s + 1e-9) (u the
+    pixel's normalised coordinate). Bilinear sampling with zero padding and align_corners=False
+    is non-zero, and has a non-zero gradient, only for g in [-1 - 1/w, 1 + 1/w]; that is pixels
+    j in [j_lo, j_hi] with j = ((u + 1) * W - 1) / 2. We take one more pixel on each side for
+    rounding. Computed in float64, without gradient (window positions are discrete).
+
+    Returns:
+        start (M,) int64 and length (M,) int64, length <= image_size.
+    """
+    a = 1 / (scale.double() + INVERSE_EPS)
+    c = -shift.double() / (scale.double() + INVERSE_EPS)
+    edge = 1 + 1 / glimpse_side
+    u1, u2 = (-edge - c) / a, (edge - c) / a
+    j1, j2 = ((u1 + 1) * image_size - 1) / 2, ((u2 + 1) * image_size - 1) / 2
+    lo = torch.minimum(j1, j2).clamp(-2 * image_size, 2 * image_size)
+    hi = torch.maximum(j1, j2).clamp(-2 * image_size, 2 * image_size)
+    start = lo.floor().long() - 1
+    length = (hi.ceil().long() + 1 - start + 1).clamp(1, image_size)
+    return start, length
+
+
+def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor, z_where: torch.Tensor,
+            image_size: int, boundary: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Paste every cell's glimpse maps and take the softmax over cells, on windows only (SPEC 4.5, 4.6).
+
+    Reference (``SpaceFg.forward`` steps 4-5): with I_n, Y_n, A_n, K_n the glimpse maps pasted to
+    full resolution by the inverse transform (bilinear, zeros, align_corners=False),
+
+        w_n(p) = exp(I_n(p)) / sum_{n'=1..N} exp(I_n'(p)),
+        fg(p) = sum_n w_n(p) Y_n(p),   alpha(p) = sum_n w_n(p) A_n(p),   boundary(p) = sum_n K_n(p).
+
+    Every pasted map is zero, with zero gradient, outside a window around its box
+    (:func:`_windows`). Sample each cell only on its window W_n; let c(p) be the number of
+    windows containing p and m(p) = max(0, max_{n: p in W_n} I_n(p)). Cells whose window misses p
+    have I_n(p) = 0, so with the shift m (the softmax is shift invariant; m is detached, which
+    leaves the gradients exact because the expression below does not depend on m)
+
+        sum_{n'} exp(I_n'(p)) = exp(m(p)) * D(p),
+        D(p) = (N - c(p)) exp(-m(p)) + sum_{n: p in W_n} exp(I_n(p) - m(p)),
+        fg(p) = sum_{n: p in W_n} exp(I_n(p) - m(p)) Y_n(p) / D(p)   (alpha likewise),
+
+    and every exponent is <= 0, so importance up to 100 does not overflow float32 (the reference
+    softmax subtracts the max too). The sums are ``index_add`` scatters of the windows into
+    (B*H*W,) maps, so nothing of size B*N*H*W is ever built.
+
+    Windows are grouped into buckets of similar size (sides 8, 16, 32, ...), each bucket
+    using one P_y x P_x window side for all its cells; a window is moved inside the image when it
+    sticks out (its pixels outside the window are zero anyway), and a box larger than the image
+    simply gets the whole image as its window, which is the reference computation for that cell.
+
+    Args:
+        importance: (B*N, 1, h, w) glimpse importance.
+        y_att: (B*N, 3, h, w) premultiplied glimpse colour.
+        alpha_att_hat: (B*N, 1, h, w) glimpse alpha times z_pres.
+        z_where: (B, N, 4) boxes [sx, sy, tx, ty].
+        image_size: H = W.
+        boundary: optional (B*N, 1, h, w) glimpse maps that are only pasted and summed.
+    Returns:
+        fg (B, 3, H, W), alpha_map (B, 1, H, W), boundary_sum (B, 1, H, W) or None.
+    """
+    B, N = z_where.shape[:2]
+    H = W = image_size
+    h, w = importance.shape[-2:]
+    where = z_where.reshape(B * N, 4)
+
+    # Inverse transform g = a*u + c per axis, computed exactly as geometry.paste_glimpses' theta
+    # (the same float32 operations, so that the sampling grids are bit-identical; gradients flow).
+    sx, sy, tx, ty = where.unbind(-1)
+    ax, ay = 1 / (sx + INVERSE_EPS), 1 / (sy + INVERSE_EPS)
+    cx, cy = -tx / (sx + INVERSE_EPS), -ty / (sy + INVERSE_EPS)
+    affine = torch.stack((ax, cx, ay, cy), 1)  # (B*N, 4)
+    if not torch.isfinite(affine).all():  # no windows for NaN/inf boxes: the reference gives its NaNs
+        return _compose_reference(importance, y_att, alpha_att_hat, z_where, image_size, boundary)
+    maps = [importance, y_att, alpha_att_hat] + ([boundary] if boundary is not None else [])
+    maps = torch.cat(maps, 1)  # (B*N, Cm, h, w): channels I, Y (3), A, [K]
+    base_x, base_y = _pixel_base(W, ax), _pixel_base(H, ay)  # (W,), (H,)
+
+    with torch.no_grad():
+        x_start, x_len = _windows(sx, tx, w, W)  # (B*N,) each
+        y_start, y_len = _windows(sy, ty, h, H)
+        sides = torch.tensor(_bucket_sides(image_size), device=where.device)
+        bucket = torch.bucketize(torch.maximum(x_len, y_len), sides)  # (B*N,) index into sides
+        order = torch.argsort(bucket, stable=True)  # cells grouped by bucket
+        sizes = [n for n in torch.bincount(bucket).tolist() if n > 0]  # cells per non-empty bucket
+
+    # One gather into bucket order, then contiguous pieces (split has a single, cheap backward).
+    pieces = zip(order.split(sizes), maps.index_select(0, order).split(sizes), affine.index_select(0, order).split(sizes))
+    values, indices = [], []  # per bucket: samples (Cm, nb*Py*Px) and flat pixel indices (nb*Py*Px,)
+    for cells, maps_k, affine_k in pieces:
+        with torch.no_grad():
+            Px, Py = int(x_len[cells].max()), int(y_len[cells].max())
+            x0 = x_start[cells].clamp(0, W - Px)  # (nb,) windows moved inside the image
+            y0 = y_start[cells].clamp(0, H - Py)
+            cols = x0[:, None] + torch.arange(Px, device=cells.device)  # (nb, Px)
+            rows = y0[:, None] + torch.arange(Py, device=cells.device)  # (nb, Py)
+            image = torch.div(cells, N, rounding_mode="floor")  # (nb,) b of each cell
+            indices.append(((image[:, None] * H + rows)[:, :, None] * W + cols[:, None, :]).reshape(-1))
+        a_x, c_x, a_y, c_y = affine_k.unbind(1)  # (nb,) each
+        gx = base_x[cols] * a_x[:, None] + c_x[:, None]  # (nb, Px), the same values as affine_grid's
+        gy = base_y[rows] * a_y[:, None] + c_y[:, None]  # (nb, Py)
+        nb = cells.numel()
+        grid = torch.stack((gx[:, None, :].expand(nb, Py, Px), gy[:, :, None].expand(nb, Py, Px)), -1)  # (nb, Py, Px, 2)
+        sampled = F.grid_sample(maps_k, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        values.append(sampled.transpose(0, 1).reshape(maps.size(1), -1))  # (nb, Cm, Py, Px) -> (Cm, nb*Py*Px)
+    values_all = torch.cat(values, 1)  # (Cm, T), T window pixels in all
+    index = torch.cat(indices)  # (T,)
+
+    # Scatter-add into (B*H*W,) maps: the detached max m(p) and count c(p), then the weighted sums.
+    I, *rest = values_all.unbind(0)  # (T,) each: I, Y (3), A, [K] (unbind: one cheap backward)
+    zeros = I.new_zeros(B * H * W)
+    with torch.no_grad():
+        shift = zeros.scatter_reduce(0, index, I, "amax", include_self=True)  # m(p) = max(0, max I)
+        count = zeros.index_add(0, index, torch.ones_like(I))  # c(p)
+    e = torch.exp(I - shift[index])  # (T,) every exponent <= 0
+    denominator = (N - count) * torch.exp(-shift) + zeros.index_add(0, index, e)  # (B*H*W,)
+    numerator = torch.stack([zeros.index_add(0, index, v * e) for v in rest[:4]])  # (4, B*H*W): Y (3), A
+    composite = (numerator / denominator).view(4, 1, B, H, W)
+    fg = composite[:3, 0].transpose(0, 1).contiguous()  # (B, 3, H, W)
+    alpha_map = composite[3].transpose(0, 1)  # (B, 1, H, W), contiguous
+    boundary_sum = zeros.index_add(0, index, rest[4]).view(B, 1, H, W) if boundary is not None else None
+    return fg, alpha_map, boundary_sum
+
+
+def _compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor,
+                       z_where: torch.Tensor, image_size: int, boundary: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The SPEC-literal composition of SpaceFg.forward steps 4-5 (full-resolution maps)."""
+    B, N = z_where.shape[:2]
+    H = image_size
+    where = z_where.reshape(B * N, 4)
+    weights = torch.softmax(paste_glimpses(importance, where, H).view(B, N, 1, H, H), dim=1)
+    fg = (paste_glimpses(y_att, where, H).view(B, N, 3, H, H) * weights).sum(1)
+    alpha_map = (paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H) * weights).sum(1)
+    boundary_sum = None
+    if boundary is not None:
+        boundary_sum = paste_glimpses(boundary, where, H).view(B, N, 1, H, H).sum(1)
+    return fg, alpha_map, boundary_sum
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Spatial-broadcast decoding
+# --------------------------------------------------------------------------------------------
+
+def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
+                             channels_last: bool = True) -> torch.Tensor:
+    """``sigmoid(decoder(SpatialBroadcast()(z, size)))`` without the broadcast tensor.
+
+    decoder[0] is an unpadded 3x3 convolution over [z tiled (D channels), x, y]. At every output
+    position it computes sum_{d,k} W[:, d, k] z_d + sum_{c in (x, y), k} W[:, c, k] coord_c(p + k)
+    + bias: the first term is (W[:, :D] summed over the kernel) @ z, the same at every position;
+    the second is one convolution of the (1, 2, S, S) coordinate image, the same for every sample.
+    Their broadcast sum is decoder[0]'s output. Gradients are those of the same function: the
+    kernel-sum's backward spreads dL/dW[:, :D] to all kernel taps, as the tiled input does.
+
+    decoder[1:] then runs layer by layer as in nn.Sequential (in train mode its BatchNorms take
+    batch statistics and update their running statistics as usual), with two changes that keep
+    the values: the activations are in channels_last memory format (oneDNN's convolutions are
+    about twice as fast in NHWC on CPU), and each ELU runs in place on its BatchNorm's output,
+    which nothing else keeps (BatchNorm's backward uses its input; ELU's backward can use its
+    output), saving one activation per block.
+
+    Args:
+        decoder: bg.CompDecoder.decoder (decoder[0]: Conv2d(D + 2, c, 3, 1, 0)).
+        z: (M, D) latents.
+        size: S, the broadcast side (H + 8 in SPACE).
+        channels_last: run decoder[1:] in channels_last format.
+    Returns:
+        (M, out, S - 8, S - 8) for SPACE's decoder, contiguous: sigmoid of the decoder output.
+    """
+    conv = decoder[0]
+    M, D = z.shape
+    line = torch.linspace(-1, 1, size, device=z.device, dtype=z.dtype)  # as bg.SpatialBroadcast
+    yy, xx = torch.meshgrid(line, line, indexing="ij")
+    coords = torch.stack((xx, yy))[None]  # (1, 2, S, S): x then y
+    weight = conv.weight  # (c, D + 2, kh, kw)
+    z_part = z @ weight[:, :D].sum((2, 3)).t()  # (M, c)
+    coord_part = F.conv2d(coords, weight[:, D:], conv.bias, conv.stride, conv.padding, conv.dilation)  # (1, c, S', S')
+    if channels_last:
+        coord_part = coord_part.contiguous(memory_format=torch.channels_last)
+    h = z_part[:, :, None, None] + coord_part  # (M, c, S', S'), in coord_part's memory format
+    previous: nn.Module = conv
+    for layer in decoder[1:]:
+        if isinstance(layer, nn.ELU) and isinstance(previous, nn.BatchNorm2d):
+            h = F.elu(h, layer.alpha, inplace=True)  # h is BatchNorm's fresh output, unused elsewhere
+        else:
+            h = layer(h)
+        previous = layer
+    return torch.sigmoid(h).contiguous()
+
+
+def _is_plain_conv(module: nn.Module) -> bool:
+    """Whether decoder[0] is an ungrouped, unpadded conv, for which the split is valid."""
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and all(p == 0 for p in module.padding))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Per-glimpse networks in chunks
+# --------------------------------------------------------------------------------------------
+
+GLIMPSE_CHUNK = 256  # glimpses per chunk for z_what_net and glimpse_dec (see run_in_chunks)
+
+
+def _couples_samples(module: nn.Module) -> bool:
+    """Whether a network mixes samples of its batch (BatchNorm batch statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, ...]:
+    """``module(inputs)`` for a network that treats every sample independently, chunk by chunk.
+
+    SPACE's per-glimpse networks (ZWhatEnc, GlimpseDec) are convolutions, CELU, GroupNorm (with
+    per-sample statistics), Linear and PixelShuffle: sample i of the output depends on sample i
+    of the input only, so running the batch in chunks and concatenating gives the same values
+    (the convolutions may block their sums differently for another batch size: rounding).
+    With gradients enabled each chunk is checkpointed (torch.utils.checkpoint, non-reentrant):
+    only its input is kept, and its forward is recomputed during the backward, so at most one
+    chunk's activations are alive instead of all B*N glimpses'. The recomputation is exact: the
+    networks draw no random numbers and have no running statistics. On CPU the small chunks are
+    also cache-friendly, which more than pays for the recomputation. Networks with BatchNorm,
+    and batches no larger than one chunk, run whole.
+
+    Args:
+        module: a network returning a tensor or a tuple of tensors, each with the batch first.
+        inputs: (M, ...) batch.
+        chunk_size: samples per chunk; None or 0 runs the whole batch at once.
+    Returns:
+        the module's outputs as a tuple, concatenated over chunks.
+    """
+    def as_tuple(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    if not chunk_size or inputs.size(0) <= chunk_size or _couples_samples(module):
+        return as_tuple(module(inputs))
+    if torch.is_grad_enabled():
+        outs = [as_tuple(checkpoint(module, chunk, use_reentrant=False, preserve_rng_state=False))
+                for chunk in inputs.split(chunk_size)]
+    else:
+        outs = [as_tuple(module(chunk)) for chunk in inputs.split(chunk_size)]
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Drop-in forwards
+# --------------------------------------------------------------------------------------------
+
+def fast_comp_decoder_forward(comp_decoder: "CompDecoder", z_comp: torch.Tensor) -> torch.Tensor:
+    """``CompDecoder.forward`` via :func:`spatial_broadcast_decode`: (M, D) -> (M, 3, H, W)."""
+    if not _is_plain_conv(comp_decoder.decoder[0]):
+        return type(comp_decoder).forward(comp_decoder, z_comp)  # the class's own (reference) forward
+    return spatial_broadcast_decode(comp_decoder.decoder, z_comp, comp_decoder.size)
+
+
+def fast_fg_forward(fg_module: "SpaceFg", x: torch.Tensor, priors: "Priors", deterministic: bool = False,
+                    glimpse_chunk: int | None = GLIMPSE_CHUNK) -> "FgOutput":
+    """``SpaceFg.forward`` with steps 2 (crop), 4 (compose) and 5 (boundary map) on the fast path.
+
+    Steps 1, 3 and 6 are copied from fg.SpaceFg.forward, so the RNG draws (same calls, same
+    shapes, same order) and every other value are the same; the one change there is that
+    z_what_net (step 2) and glimpse_dec (step 3) run through :func:`run_in_chunks`
+    (``glimpse_chunk=None`` runs them whole, exactly as the reference). The z_what noise is
+    still drawn once for all B*N cells between the two. ``importance_map_full_res_norm`` (the
+    (B, N, 1, H, W) softmax weights) is not built and is None.
+    """
+    from .distributions import bernoulli_kl, normal_kl, normal_log_prob, normal_sample, relaxed_bernoulli_logit_sample
+    from .fg import BOUNDARY_SCALE, BOUNDARY_STD, IMPORTANCE_SCALE, SCALE_STD_EPS, FgOutput
+
+    self = fg_module
+    cfg = self.cfg
+    B, N, H, h = x.size(0), cfg.num_cells, cfg.image_size, cfg.glimpse_size
+    with torch.no_grad():  # keep the buffers as the original leaves them (SPEC 4.1)
+        self.tau.fill_(priors.tau)
+        self.prior_z_pres_prob.fill_(priors.z_pres_prob)
+
+    # 1. Encode the grid and sample per-cell latents, in the original's RNG order (SPEC 13.3).
+    z_pres_logits, depth, scale, shift = self.img_encoder(x)
+    z_pres_y = relaxed_bernoulli_logit_sample(z_pres_logits, priors.tau, deterministic)
+    z_pres = torch.sigmoid(z_pres_y)  # (B, N, 1)
+    z_depth_mean, z_depth_std = depth[..., :1], F.softplus(depth[..., 1:])
+    z_depth = normal_sample(z_depth_mean, z_depth_std, deterministic)  # (B, N, 1)
+    z_scale_mean, z_scale_std = scale[..., :2], F.softplus(scale[..., 2:]) + SCALE_STD_EPS
+    z_scale = torch.sigmoid(normal_sample(z_scale_mean, z_scale_std, deterministic))  # (B, N, 2)
+    z_shift_mean, z_shift_std = shift[..., :2], F.softplus(shift[..., 2:])
+    offset = self.img_encoder.offset.permute(1, 2, 0).reshape(N, 2)  # (N, 2): (column, row)
+    z_shift = (2.0 / cfg.G) * (offset + 0.5 + torch.tanh(normal_sample(z_shift_mean, z_shift_std, deterministic))) - 1
+    z_where = torch.cat((z_scale, z_shift), -1)  # (B, N, 4)
+
+    # 2. Crop a glimpse per cell (fast: no repeated image) and encode it.
+    glimpses = crop_glimpses_batched(x, z_where, h)  # (B*N, 3, h, w)
+    z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, glimpse_chunk)
+    z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
+
+    # 3. Decode glimpses.
+    o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, glimpse_chunk)  # (B*N, 3, h, w), (B*N, 1, h, w)
+    alpha_att_hat = alpha_att * z_pres.reshape(B * N, 1, 1, 1)
+    y_att = alpha_att_hat * o_att
+    importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))
+
+    # 4-5. Compose on windows (fast), and the boundary map from the same windows (SPEC 4.5, 4.6).
+    kernel = None
+    if priors.boundary_loss:
+        kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.reshape(B * N, 1, 1, 1)
+    fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel)
+    if priors.boundary_loss:
+        boundary_map = boundary_sum * BOUNDARY_SCALE
+        overlap = boundary_map * alpha_map
+        boundary_loss = -normal_log_prob(overlap, torch.zeros_like(overlap), BOUNDARY_STD).flatten(1).sum(1)
+    else:
+        boundary_map, boundary_loss = None, x.new_zeros(B)
+
+    # 6. Likelihood and KL terms, each summed to (B,); none weighted by z_pres (SPEC 4.8).
+    fg_likelihood = normal_log_prob(x, fg, cfg.fg_sigma)
+    z_pres_prob = torch.sigmoid(z_pres_logits)
+    kl_z_pres = bernoulli_kl(z_pres_prob, priors.z_pres_prob).flatten(1).sum(1)
+    kl_z_depth = normal_kl(z_depth_mean, z_depth_std, self.prior_depth_mean, self.prior_depth_std).flatten(1).sum(1)
+    scale_prior_mean = torch.tensor(priors.z_scale_mean, device=x.device)
+    kl_z_scale = normal_kl(z_scale_mean, z_scale_std, scale_prior_mean, cfg.z_scale_std_value).flatten(1).sum(1)
+    kl_z_shift = normal_kl(z_shift_mean, z_shift_std, 0.0, 1.0).flatten(1).sum(1)
+    kl_z_what = normal_kl(z_what_mean, z_what_std, self.prior_what_mean, self.prior_what_std).view(B, -1).sum(1)
+    kl_z_where = kl_z_scale + kl_z_shift
+    return FgOutput(
+        fg=fg, alpha_map=alpha_map, fg_likelihood=fg_likelihood, z_what=z_what.view(B, N, -1),
+        z_where=z_where, z_pres=z_pres, z_pres_prob=z_pres_prob, z_pres_logits=z_pres_logits,
+        z_scale=z_scale, z_shift=z_shift, z_depth=z_depth, o_att=o_att, alpha_att=alpha_att,
+        alpha_att_hat=alpha_att_hat, importance_map_full_res_norm=None, boundary_loss=boundary_loss,
+        boundary_map=boundary_map, kl_z_what=kl_z_what, kl_z_pres=kl_z_pres, kl_z_scale=kl_z_scale,
+        kl_z_shift=kl_z_shift, kl_z_depth=kl_z_depth, kl_z_where=kl_z_where,
+        kl_fg=kl_z_what + kl_z_where + kl_z_pres + kl_z_depth)
+
+
+def use_fast_path(model: "Space", glimpse_chunk: int | None = GLIMPSE_CHUNK) -> "Space":
+    """Route a model's foreground and component decoder through the fast path (in place).
+
+    Sets instance-level ``forward`` overrides: ``model.fg_module`` runs :func:`fast_fg_forward`
+    (with ``glimpse_chunk``; None keeps z_what_net and glimpse_dec whole) and, for K > 1,
+    ``model.bg_module.comp_decoder`` runs :func:`fast_comp_decoder_forward`. State_dict,
+    parameters and RNG use are unchanged.
+    """
+    from .bg import CompDecoder
+
+    model.fg_module.forward = functools.partial(fast_fg_forward, model.fg_module, glimpse_chunk=glimpse_chunk)
+    if isinstance(model.bg_module.comp_decoder, CompDecoder):
+        model.bg_module.comp_decoder.forward = types.MethodType(fast_comp_decoder_forward,
+                                                                model.bg_module.comp_decoder)
+    return model
