@@ -32,6 +32,13 @@ the environment; NCCL on CUDA with one GPU per process, cuda:LOCAL_RANK; gloo on
   all ranks resume from the same checkpoint, read by rank 0 and broadcast, and each restores its
   own RNG state, so a resume with the same world size is exact. With another world size the RNG
   cannot be restored: each rank reseeds from (seed, rank, step) and a warning says so.
+
+For GPUs, off by default: ``train.amp: bf16`` runs the forward (only) under bf16 autocast (no
+loss scaling is needed with bf16; the backward, the clip and the optimisers stay in float32), and
+``train.compile: true`` wraps the (DDP) model in ``torch.compile``. Both change the numerics
+slightly (rounding, fused kernels), so neither run is bit for bit the float32 eager one; checkpoints
+are the unwrapped model's either way. ``train.latent_mode: deterministic`` trains without
+sampling noise (latents at their means), which makes runs comparable across process counts.
 """
 from __future__ import annotations
 
