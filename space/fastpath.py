@@ -82,17 +82,20 @@ def crop_glimpses_batched(x: torch.Tensor, z_where: torch.Tensor, size: int) -> 
 # 2. Compositing on windows
 # --------------------------------------------------------------------------------------------
 
-def _bucket_sides(image_size: int) -> list[int]:
-    """Window sides used for bucketing cells: 8, 16, 32, ... and the image side.
+WINDOW_PIXELS = 2 ** 21  # window pixels sampled per grid_sample call in compose (bounds its memory)
 
-    Each bucket costs a few operations whatever its size, so few buckets (factor 2 apart: at
-    most 4x the needed area per window, about 2x on average) beat a finer ladder in practice.
+
+def _bucket_sides(image_size: int) -> list[int]:
+    """Window sides used for bucketing cells: 8, 16, 32, 48, 64, 96, ... and the image side.
+
+    Each bucket costs a dozen operations whatever its size, so small windows share coarse
+    buckets (factor 2), while large ones, where the area matters, get factor 1.5 steps.
     """
     sides, side = [], 8
     while side < image_size:
-        sides.append(side)
+        sides += [side, side * 3 // 2] if side >= 32 else [side]
         side *= 2
-    return sides + [image_size]
+    return [s for s in sides if s < image_size] + [image_size]
 
 
 def _pixel_base(size: int, like: torch.Tensor) -> torch.Tensor:
@@ -150,10 +153,14 @@ def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.
     softmax subtracts the max too). The sums are ``index_add`` scatters of the windows into
     (B*H*W,) maps, so nothing of size B*N*H*W is ever built.
 
-    Windows are grouped into buckets of similar size (sides 8, 16, 32, ...), each bucket
-    using one P_y x P_x window side for all its cells; a window is moved inside the image when it
-    sticks out (its pixels outside the window are zero anyway), and a box larger than the image
-    simply gets the whole image as its window, which is the reference computation for that cell.
+    Windows are grouped into buckets of similar size (sides 8, 16, 32, 48, 64, 96, ...), each
+    bucket using one P_y x P_x window side for all its cells; a window is moved inside the image
+    when it sticks out (its pixels outside the window are zero anyway), and a box larger than the
+    image simply gets the whole image as its window, which is the reference computation for that
+    cell. Buckets are processed one after another with an online softmax: m(p) is the running
+    maximum, and the sums accumulated so far are multiplied by exp(m_old(p) - m_new(p)) when it
+    rises, which leaves exactly the sums above at the end. So without gradients only one
+    bucket's windows (at most WINDOW_PIXELS of them: larger buckets are cut) are ever in memory.
 
     Args:
         importance: (B*N, 1, h, w) glimpse importance.
@@ -190,41 +197,51 @@ def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.
         order = torch.argsort(bucket, stable=True)  # cells grouped by bucket
         sizes = [n for n in torch.bincount(bucket).tolist() if n > 0]  # cells per non-empty bucket
 
-    # One gather into bucket order, then contiguous pieces (split has a single, cheap backward).
-    pieces = zip(order.split(sizes), maps.index_select(0, order).split(sizes), affine.index_select(0, order).split(sizes))
-    values, indices = [], []  # per bucket: samples (Cm, nb*Py*Px) and flat pixel indices (nb*Py*Px,)
-    for cells, maps_k, affine_k in pieces:
+    # One gather into bucket order, then contiguous pieces (split has a single, cheap backward);
+    # a bucket with more than WINDOW_PIXELS window pixels is cut into several pieces.
+    pieces = []  # (cells (nb,), their maps (nb, Cm, h, w), their affine (nb, 4), Px, Py)
+    for cells, maps_k, affine_k in zip(order.split(sizes), maps.index_select(0, order).split(sizes),
+                                       affine.index_select(0, order).split(sizes)):
+        Px, Py = int(x_len[cells].max()), int(y_len[cells].max())
+        per_piece = max(1, WINDOW_PIXELS // (Px * Py))
+        pieces += [(*piece, Px, Py) for piece in zip(cells.split(per_piece), maps_k.split(per_piece),
+                                                     affine_k.split(per_piece))]
+    zeros = maps.new_zeros(B * H * W)
+    shift = count = denominator = zeros  # m(p) so far (detached), c(p), sum of exp(I - m) so far
+    sums = [zeros] * (maps.size(1) - 1)  # Y (3), A: sums of exp(I - m) * value so far; [K]: plain sum
+    for cells, maps_k, affine_k, Px, Py in pieces:  # one piece at a time: only its windows are alive
         with torch.no_grad():
-            Px, Py = int(x_len[cells].max()), int(y_len[cells].max())
             x0 = x_start[cells].clamp(0, W - Px)  # (nb,) windows moved inside the image
             y0 = y_start[cells].clamp(0, H - Py)
             cols = x0[:, None] + torch.arange(Px, device=cells.device)  # (nb, Px)
             rows = y0[:, None] + torch.arange(Py, device=cells.device)  # (nb, Py)
             image = torch.div(cells, N, rounding_mode="floor")  # (nb,) b of each cell
-            indices.append(((image[:, None] * H + rows)[:, :, None] * W + cols[:, None, :]).reshape(-1))
+            flat = ((image[:, None] * H + rows)[:, :, None] * W + cols[:, None, :]).reshape(-1)  # (nb*Py*Px,)
         a_x, c_x, a_y, c_y = affine_k.unbind(1)  # (nb,) each
         gx = base_x[cols] * a_x[:, None] + c_x[:, None]  # (nb, Px), the same values as affine_grid's
         gy = base_y[rows] * a_y[:, None] + c_y[:, None]  # (nb, Py)
         nb = cells.numel()
         grid = torch.stack((gx[:, None, :].expand(nb, Py, Px), gy[:, :, None].expand(nb, Py, Px)), -1)  # (nb, Py, Px, 2)
         sampled = F.grid_sample(maps_k, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        values.append(sampled.transpose(0, 1).reshape(maps.size(1), -1))  # (nb, Cm, Py, Px) -> (Cm, nb*Py*Px)
-    values_all = torch.cat(values, 1)  # (Cm, T), T window pixels in all
-    index = torch.cat(indices)  # (T,)
+        I, *rest = (channel.reshape(-1) for channel in sampled.unbind(1))  # (nb*Py*Px,) each: I, Y (3), A, [K]
 
-    # Scatter-add into (B*H*W,) maps: the detached max m(p) and count c(p), then the weighted sums.
-    I, *rest = values_all.unbind(0)  # (T,) each: I, Y (3), A, [K] (unbind: one cheap backward)
-    zeros = I.new_zeros(B * H * W)
-    with torch.no_grad():
-        shift = zeros.scatter_reduce(0, index, I, "amax", include_self=True)  # m(p) = max(0, max I)
-        count = zeros.index_add(0, index, torch.ones_like(I))  # c(p)
-    e = torch.exp(I - shift[index])  # (T,) every exponent <= 0
-    denominator = (N - count) * torch.exp(-shift) + zeros.index_add(0, index, e)  # (B*H*W,)
-    numerator = torch.stack([zeros.index_add(0, index, v * e) for v in rest[:4]])  # (4, B*H*W): Y (3), A
-    composite = (numerator / denominator).view(4, 1, B, H, W)
+        # Online softmax over buckets: raise the shift where this bucket's importance exceeds it,
+        # and rescale what was accumulated against the old shift by exp(m_old - m_new) <= 1.
+        with torch.no_grad():
+            new_shift = shift.scatter_reduce(0, flat, I, "amax", include_self=True)  # m(p) = max(0, max I)
+            rescale = torch.exp(shift - new_shift)  # (B*H*W,)
+            count = count.index_add(0, flat, torch.ones_like(I))  # c(p)
+        e = torch.exp(I - new_shift[flat])  # (nb*Py*Px,) every exponent <= 0
+        denominator = (denominator * rescale).index_add(0, flat, e)
+        sums = [(total * rescale).index_add(0, flat, value * e) if c < 4 else total.index_add(0, flat, value)
+                for c, (total, value) in enumerate(zip(sums, rest))]
+        shift = new_shift
+    denominator = denominator + (N - count) * torch.exp(-shift)  # the N - c(p) cells with I = 0 there
+
+    composite = (torch.stack(sums[:4]) / denominator).view(4, 1, B, H, W)
     fg = composite[:3, 0].transpose(0, 1).contiguous()  # (B, 3, H, W)
     alpha_map = composite[3].transpose(0, 1)  # (B, 1, H, W), contiguous
-    boundary_sum = zeros.index_add(0, index, rest[4]).view(B, 1, H, W) if boundary is not None else None
+    boundary_sum = sums[4].view(B, 1, H, W) if boundary is not None else None
     return fg, alpha_map, boundary_sum
 
 
