@@ -15,10 +15,14 @@ This module computes the same functions without those redundancies:
   sampled only on its window and the windows are scatter-added into full resolution; the softmax
   over all N cells is rebuilt exactly from those sums (see the docstring for the algebra).
 * :func:`spatial_broadcast_decode`: the first convolution of the broadcast decoder splits into a
-  matrix product with z and one convolution of the coordinate channels shared by all samples.
+  matrix product with z and one convolution of the coordinate channels shared by all samples
+  (the rest runs in channels_last format, with in-place ELUs).
+* :func:`run_in_chunks`: the per-glimpse networks (z_what encoder, glimpse decoder) treat every
+  glimpse independently, so they can run on chunks of glimpses, checkpointed: at most one
+  chunk's activations are kept.
 
 Everything is pure autograd-friendly PyTorch; results equal the reference up to float rounding
-(checked in tests/test_fastpath.py to 1e-5 relative on outputs and gradients).
+(tests/test_fastpath.py: float32 to 1e-5, float64 to 1e-9, outputs and gradients).
 :func:`fast_fg_forward` and :func:`fast_comp_decoder_forward` are drop-in forwards for
 ``SpaceFg`` and ``CompDecoder`` built from these pieces; :func:`use_fast_path` patches a model.
 """
@@ -281,7 +285,8 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
     the values: the activations are in channels_last memory format (oneDNN's convolutions are
     about twice as fast in NHWC on CPU), and each ELU runs in place on its BatchNorm's output,
     which nothing else keeps (BatchNorm's backward uses its input; ELU's backward can use its
-    output), saving one activation per block.
+    output), saving one activation per block. (Were some BatchNorm variant to keep its output
+    for its backward, autograd's version check would raise, not compute wrong gradients.)
 
     Args:
         decoder: bg.CompDecoder.decoder (decoder[0]: Conv2d(D + 2, c, 3, 1, 0)).
@@ -304,7 +309,7 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
     h = z_part[:, :, None, None] + coord_part  # (M, c, S', S'), in coord_part's memory format
     previous: nn.Module = conv
     for layer in decoder[1:]:
-        if isinstance(layer, nn.ELU) and isinstance(previous, nn.BatchNorm2d):
+        if isinstance(layer, nn.ELU) and isinstance(previous, nn.modules.batchnorm._BatchNorm):
             h = F.elu(h, layer.alpha, inplace=True)  # h is BatchNorm's fresh output, unused elsewhere
         else:
             h = layer(h)
@@ -341,8 +346,10 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
     only its input is kept, and its forward is recomputed during the backward, so at most one
     chunk's activations are alive instead of all B*N glimpses'. The recomputation is exact: the
     networks draw no random numbers and have no running statistics. On CPU the small chunks are
-    also cache-friendly, which more than pays for the recomputation. Networks with BatchNorm,
-    and batches no larger than one chunk, run whole.
+    also cache-friendly, which paid for the recomputation in benchmarks/bench_speed.py (but
+    with actively spinning OpenMP threads on an oversubscribed machine every extra operation
+    costs milliseconds, and chunking loses). Networks with BatchNorm, and batches no larger
+    than one chunk, run whole.
 
     Args:
         module: a network returning a tensor or a tuple of tensors, each with the batch first.
