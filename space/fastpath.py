@@ -19,7 +19,8 @@ This module computes the same functions without those redundancies:
   (the rest runs in channels_last format, with in-place ELUs).
 * :func:`run_in_chunks`: the per-glimpse networks (z_what encoder, glimpse decoder) treat every
   glimpse independently, so they can run on chunks of glimpses, checkpointed: at most one
-  chunk's activations are kept.
+  chunk's activations are kept. :func:`run_checkpointed` does the same for one call (meant for
+  the background's mask decoder).
 
 Everything is pure autograd-friendly PyTorch; results equal the reference up to float rounding
 (tests/test_fastpath.py: float32 to 1e-5, float64 to 1e-9, outputs and gradients).
@@ -369,6 +370,20 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
     else:
         outs = [as_tuple(module(chunk)) for chunk in inputs.split(chunk_size)]
     return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def run_checkpointed(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``module(inputs)``, keeping only ``inputs`` for the backward, which recomputes the forward.
+
+    For the background's mask decoder (called once per component k, GroupNorm only): its K
+    decodes at full resolution keep ~150 MiB of activations each at batch 12; checkpointed, the
+    values and gradients are the same (no randomness, no running statistics) for one more
+    decoder forward per step. Networks with BatchNorm (whose running statistics the
+    recomputation would update twice) and calls without gradients run plainly.
+    """
+    if not torch.is_grad_enabled() or _couples_samples(module):
+        return module(inputs)
+    return checkpoint(module, inputs, use_reentrant=False, preserve_rng_state=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from torch import nn
 
 from space.bg import CompDecoder
 from space.config import ModelConfig
-from space.fastpath import (compose, crop_glimpses_batched, fast_comp_decoder_forward, fast_fg_forward, run_in_chunks,
-                            spatial_broadcast_decode, use_fast_path)
+from space.bg import MaskDecoder
+from space.fastpath import (compose, crop_glimpses_batched, fast_comp_decoder_forward, fast_fg_forward, run_checkpointed,
+                            run_in_chunks, spatial_broadcast_decode, use_fast_path)
 from space.fg import SpaceFg
 from space.geometry import crop_glimpses, paste_glimpses
 from space.model import Space
@@ -255,6 +256,19 @@ def test_run_in_chunks_equals_whole_batch_with_gradients():
     bn = nn.BatchNorm1d(4)  # couples samples: must run whole
     x = torch.randn(9, 4)
     assert torch.equal(run_in_chunks(bn, x, 2)[0], nn.BatchNorm1d(4)(x))
+
+
+def test_run_checkpointed_mask_decoder_gives_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    decoder = MaskDecoder(reference_config(image_size=32, G=4, bg_width=0.25))
+    z = torch.randn(3, 32, requires_grad=True)
+    ref, fast = decoder(z), run_checkpointed(decoder, z)
+    assert torch.equal(fast, ref)
+    params = [z, *decoder.parameters()]
+    for f, r in zip(torch.autograd.grad(fast.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+        assert torch.equal(f, r)  # the same operations on the same values: bit-identical
+    with torch.no_grad():
+        assert torch.equal(run_checkpointed(decoder, z), ref)
 
 
 FG_FIELDS = ("fg", "alpha_map", "fg_likelihood", "z_what", "z_where", "z_pres", "z_pres_prob", "z_depth",
