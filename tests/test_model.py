@@ -170,11 +170,14 @@ def _overfit(cfg):
 
 @pytest.mark.parametrize("G, mode", [(4, "sample"), (8, "deterministic"), (16, "deterministic"), (8, "sample")])
 def test_fast_path_equals_the_reference_model(G, mode):
+    """Whole model, fast vs SPEC-literal path, in float64 so that the comparison sees the maths
+    and not float32 rounding (sums with heavy cancellation, e.g. biases feeding a GroupNorm or a
+    BatchNorm, move by up to 1e-4 relative in float32 on either path)."""
     cfg = ModelConfig(image_size=128 if G == 16 else 64, G=G, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=3)
-    reference = Space(ModelConfig(**{**cfg.__dict__, "fast_path": False}))
-    fast = Space(cfg)
+    reference = Space(ModelConfig(**{**cfg.__dict__, "fast_path": False})).double()
+    fast = Space(cfg).double()
     fast.load_state_dict(reference.state_dict())
-    x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
     outs = []
     for model in (reference, fast):
         torch.manual_seed(3)  # the same draws in sample mode
@@ -183,25 +186,9 @@ def test_fast_path_equals_the_reference_model(G, mode):
         outs.append(out)
     for key in ("y", "fg", "alpha_map", "bg", "boundary_loss", "kl_fg", "kl_bg", "log_like", "loss"):
         a, b = getattr(outs[0], key), getattr(outs[1], key)
-        assert torch.allclose(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item()), key
-    modules = dict(reference.named_modules())
-    total_diff, total = torch.zeros(()), torch.zeros(())
+        assert torch.allclose(b, a, rtol=1e-9, atol=1e-9 * a.abs().max().item()), key
+    # absolute floor for gradients that are 0 in exact arithmetic (biases right before a BatchNorm)
+    floor = 1e-12 * max(p.grad.norm() for p in reference.parameters() if p.grad is not None)
     for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
-        parent, index, kind = name.rsplit(".", 2) if name.count(".") >= 2 else (None, None, None)
-        following = modules.get(f"{parent}.{int(index) + 1}") if index and index.isdigit() else None
-        if kind == "bias" and isinstance(following, torch.nn.BatchNorm2d):
-            # a bias right before a BatchNorm has a true gradient of 0: only rounding noise remains
-            weight_scale = modules[f"{parent}.{index}"].weight.grad.abs().max().item()
-            assert q.grad.abs().max() < 1e-5 * weight_scale + 1e-3, name
-            continue
         if p.grad is not None:
-            # Norm-wise, since sums over many pixels reorder float additions (measured: <= 4e-5
-            # per parameter, ~2e-6 overall). comp_encoder.enc.13.bias is left to the overall
-            # check: its gradient is a small difference of large terms (|grad| ~ 10 against ~1e6
-            # for its weight) that magnifies rounding to ~2e-3, as between the reference and the
-            # original code too.
-            if name != "bg_module.comp_encoder.enc.13.bias":
-                assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-12, name
-            total_diff += (q.grad - p.grad).norm() ** 2
-            total += p.grad.norm() ** 2
-    assert total_diff.sqrt() <= 1e-5 * total.sqrt()
+            assert (q.grad - p.grad).norm() <= 1e-7 * p.grad.norm() + floor, name
