@@ -72,7 +72,6 @@ def test_sigkill_three_times_then_resume_equals_uninterrupted_run(tmp_path):
             kills += 1
         process.wait()
     assert kills == 3
-    assert not (killed / "final.pt").exists() or True  # a kill may land after the end
     subprocess.run([sys.executable, str(script), str(killed)], check=True, timeout=300)
     a, b = torch.load(straight / "final.pt"), torch.load(killed / "final.pt")
     assert list(a) == list(b)
