@@ -47,6 +47,7 @@ class DataConfig:
     max_objects: int = 5
     min_size: float = 0.1
     max_size: float = 0.2
+    shadows: bool = True
     # Atari (ale and ATARI)
     games: tuple[str, ...] | None = None
     bgr: bool = False
@@ -145,7 +146,7 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
             datasets.generate_rooms(root, image_size=exp.model.image_size, num_train=d.num_train,
                                     num_val=d.num_val, num_test=d.num_test, min_objects=d.min_objects,
                                     max_objects=d.max_objects, min_size=d.min_size, max_size=d.max_size,
-                                    seed=d.seed, progress=progress)
+                                    shadows=d.shadows, seed=d.seed, progress=progress)
     elif d.source == "ale":
         if fresh:
             datasets.generate_atari(root, games=d.games or datasets.ATARI_GAMES, num_train=d.num_train,

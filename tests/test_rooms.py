@@ -170,3 +170,15 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         generate_rooms(tmp_path / "rooms", **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_without_shadows_only_the_shadows_change(seed: int) -> None:
+    lit, lit_ids, lit_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4)
+    flat, flat_ids, flat_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                             shadows=False)
+    np.testing.assert_array_equal(lit_ids, flat_ids)  # same scene, same objects, same boxes
+    np.testing.assert_array_equal(lit_boxes, flat_boxes)
+    darker = lit.astype(int) - flat.astype(int)
+    assert darker.max() <= 1, "a shadow can only darken a pixel (1 for rounding at antialiased edges)"
+    assert (darker.sum(-1) < -30).sum() > 10, "the shadowed render has visible shadows"

@@ -347,10 +347,12 @@ class _Scene:
     light: np.ndarray  # (3,) float32
     surface_colours: np.ndarray  # (4, 3): floor, back, left, right wall
     objects: list[_Object]
+    shadows: bool = True  # cast shadows (a shadow ray per lit point)
 
 
 def _make_scene(
-    rng: np.random.Generator, min_objects: int, max_objects: int, min_size: float, max_size: float
+    rng: np.random.Generator, min_objects: int, max_objects: int, min_size: float, max_size: float,
+    shadows: bool = True,
 ) -> _Scene:
     camera = _make_camera(rng)
     room_depth = rng.uniform(*ROOM_DEPTH_RANGE)
@@ -366,7 +368,7 @@ def _make_scene(
     ], dtype=np.float32)
     num_objects = int(rng.integers(min_objects, max_objects + 1))
     objects = _place_objects(rng, camera, room_depth, room_half_width, num_objects, min_size, max_size)
-    return _Scene(camera, room_depth, room_half_width, light, surface_colours, objects)
+    return _Scene(camera, room_depth, room_half_width, light, surface_colours, objects, shadows)
 
 
 _PLANE_NORMALS = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0], [-1, 0, 0]], np.float32)
@@ -415,7 +417,7 @@ def _trace(scene: _Scene, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     lambert = np.maximum((normal * to_light).sum(axis=0), 0.0)
     lit = np.flatnonzero(lambert > 0.0)
     shadowed = np.zeros(num_rays, bool)
-    if scene.objects and lit.size:
+    if scene.shadows and scene.objects and lit.size:
         origin = p[:, lit] + SHADOW_OFFSET * normal[:, lit]
         direction = to_light[:, lit]
         blocked = np.zeros(lit.size, bool)
@@ -449,6 +451,7 @@ def render_room(
     min_size: float = DEFAULT_MIN_SIZE,
     max_size: float = DEFAULT_MAX_SIZE,
     supersample: int = DEFAULT_SUPERSAMPLE,
+    shadows: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renders one random room.
 
@@ -467,6 +470,9 @@ def render_room(
         max_size: Largest on-screen object size, fraction of the image side.
         supersample: Rays per edge pixel along each axis (1 turns
             antialiasing off).
+        shadows: Cast shadows. Without them objects are still shaded
+            (Lambertian, ambient), and the scene's random draws are the same,
+            so an image differs from its shadowed twin only in the shadows.
 
     Returns:
         ``(image, id_map, boxes)``: the ``(H, W, 3)`` uint8 RGB image; an
@@ -477,7 +483,7 @@ def render_room(
         ``[j, j+1)``), tight around each visible object's pixels in
         ``id_map``, one row per visible object in increasing object index.
     """
-    scene = _make_scene(rng, min_objects, max_objects, min_size, max_size)
+    scene = _make_scene(rng, min_objects, max_objects, min_size, max_size, shadows)
     size = image_size
     # 1. One ray through each pixel centre (row-major; v points up).
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
@@ -550,6 +556,7 @@ def generate_rooms(
     max_size: float = DEFAULT_MAX_SIZE,
     seed: int = 0,
     supersample: int = DEFAULT_SUPERSAMPLE,
+    shadows: bool = True,
     num_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -573,6 +580,7 @@ def generate_rooms(
         seed: Dataset seed; the same arguments give byte-identical files.
         supersample: Rays per axis for pixels on an edge (adaptive
             antialiasing); 1 turns antialiasing off.
+        shadows: Cast shadows (see :func:`render_room`).
         num_workers: Processes to render with; ``None`` picks up to 2 (one per
             core), and small datasets are rendered in this process.
         progress: Show a tqdm progress bar.
@@ -600,7 +608,7 @@ def generate_rooms(
         num_workers = min(2, os.cpu_count() or 1) if total >= MIN_IMAGES_FOR_WORKERS else 1
     render_kwargs = dict(
         image_size=image_size, min_objects=min_objects, max_objects=max_objects,
-        min_size=min_size, max_size=max_size, supersample=supersample,
+        min_size=min_size, max_size=max_size, supersample=supersample, shadows=shadows,
     )
 
     out_root.parent.mkdir(parents=True, exist_ok=True)
