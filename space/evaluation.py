@@ -33,19 +33,26 @@ RESEED_REMEDY = ("reseed and retrain: dvc exp run -S train.seed=2 (or queue seve
 def bg_failure_verdict(fg_explained: float, mean_objects: float, alpha_coverage: float) -> tuple[bool, str]:
     """Whether the background absorbed the objects, or the foreground the background.
 
-    Rule: failure when the foreground explains less than MIN_FG_EXPLAINED of the error the
-    background alone leaves (fg_explained = 1 - SSE(reconstruction) / SSE(background alone)), or
-    finds fewer than MIN_MEAN_OBJECTS objects per image (the background swallowed the objects);
-    or when the mean foreground alpha exceeds MAX_ALPHA_COVERAGE (the foreground swallowed the
-    background). Returns (failure, reason).
+    Rule, in this order:
+
+    1. the foreground took over the background when its mean alpha exceeds MAX_ALPHA_COVERAGE,
+       or when it finds objects (at least MIN_MEAN_OBJECTS per image) yet makes the
+       reconstruction worse than the background alone (fg_explained < 0: spurious objects
+       pasted over a background that was right);
+    2. the background absorbed the objects when the foreground removes less than
+       MIN_FG_EXPLAINED of the error the background alone leaves
+       (fg_explained = 1 - SSE(reconstruction) / SSE(background alone)), or finds fewer than
+       MIN_MEAN_OBJECTS objects per image.
+
+    Returns (failure, reason).
     """
+    summary = (f"foreground explains {fg_explained:.1%} of the background-only error, "
+               f"{mean_objects:.2f} objects per image, alpha covers {alpha_coverage:.1%}")
+    if alpha_coverage > MAX_ALPHA_COVERAGE or (mean_objects >= MIN_MEAN_OBJECTS and fg_explained < 0):
+        return True, f"the foreground took over the background ({summary})"
     if fg_explained < MIN_FG_EXPLAINED or mean_objects < MIN_MEAN_OBJECTS:
-        return True, (f"the background absorbed the objects (foreground explains {fg_explained:.1%} of the "
-                      f"background-only error, {mean_objects:.2f} objects per image)")
-    if alpha_coverage > MAX_ALPHA_COVERAGE:
-        return True, f"the foreground absorbed the background (it covers {alpha_coverage:.1%} of the image)"
-    return False, (f"foreground explains {fg_explained:.1%} of the background-only error, "
-                   f"{mean_objects:.2f} objects per image, alpha covers {alpha_coverage:.1%}")
+        return True, f"the background absorbed the objects ({summary})"
+    return False, summary
 
 
 def predicted_boxes(out: SpaceOutput) -> list[tuple[torch.Tensor, torch.Tensor]]:
