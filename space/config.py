@@ -141,6 +141,7 @@ class TrainConfig:
     val_batch_size: int = 12
     val_mode: str = "deterministic"  # or 'sample', the original's
     best_metric: str = "ap_avg"  # best checkpoint by this validation metric
+    output: str = "last"  # the train stage's model: the 'last' step, or the 'best' validation checkpoint
     max_bad_steps: int = 20  # consecutive non-finite steps before training stops
     # Scale-out and speed (space/training.py, README "Multi-GPU and multi-node").
     # Under torchrun each process trains on batch_size images: the global batch is
@@ -169,6 +170,8 @@ class TrainConfig:
             _bad("train.val_mode", self.val_mode, "'deterministic' or 'sample'")
         if self.best_metric not in BEST_METRICS:
             _bad("train.best_metric", self.best_metric, f"one of {sorted(BEST_METRICS)}")
+        if self.output not in ("last", "best"):
+            _bad("train.output", self.output, "'last' or 'best' (the best validation checkpoint, by best_metric)")
         for key in ("plot_every", "val_num_images", "val_batch_size", "max_bad_steps"):
             if getattr(self, key) < 1:
                 _bad(f"train.{key}", getattr(self, key), "an integer >= 1")

@@ -68,8 +68,17 @@ def main(args):
                      trainer.env.world_size * exp.train.batch_size)
         model = trainer.fit()
         if trainer.env.is_main:
-            space.save_checkpoint(out, model.cpu(), None, step=trainer.position.step - 1,
-                                  epoch=trainer.position.epoch, train_cfg=exp.train)
+            step, epoch = trainer.position.step - 1, trainer.position.epoch
+            best = trainer.run_dir / f"best_{exp.train.best_metric}.pth"
+            if exp.train.output == "best" and best.exists():  # model selection on the validation split
+                ckpt = space.read_checkpoint(best)
+                model.load_state_dict(ckpt["model"])
+                step, epoch = ckpt["global_step"], ckpt["epoch"]
+                log.info("output: the best checkpoint by validation %s (step %d)", exp.train.best_metric, step)
+            elif exp.train.output == "best":
+                log.warning("train.output is 'best' but no validation ran (eval_on false or no val split): "
+                            "writing the last step")
+            space.save_checkpoint(out, model.cpu(), None, step=step, epoch=epoch, train_cfg=exp.train)
     finally:
         shutdown_distributed()
 

@@ -123,3 +123,24 @@ def test_two_experiments_at_once_do_not_corrupt_each_other(tmp_path):
         rows = (tmp_path / "plots" / "train" / f"{name}.csv").read_text().splitlines()
         assert rows[0].startswith("step,") and len(rows) == 5  # header + steps 0..3
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_output_best_writes_the_best_validation_checkpoint(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    entry = params["exp"]["rooms"]
+    entry["data"].update(root="data/rooms", num_train=4, num_val=2, num_test=2)
+    entry["train"].update(max_steps=4, batch_size=2, val_num_images=2, save_every=1, eval_every=1, plot_every=1,
+                          device="cpu", output="best", best_metric="count_error_rate")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    for stage in ("data", "train"):
+        result = run_stage(stage, "rooms", tmp_path, path)
+        assert result.returncode == 0, result.stderr[-2000:]
+    best_json = next((tmp_path / "checkpoints" / "rooms").glob("*/best_count_error_rate.json"))
+    best = json.loads(best_json.read_text())
+    from space.checkpoint import read_checkpoint
+    written = read_checkpoint(tmp_path / "models" / "rooms.pth")
+    kept = read_checkpoint(best_json.with_suffix(".pth"))
+    assert written["global_step"] == best["global_step"]
+    assert all(torch.equal(written["model"][k], kept["model"][k]) for k in kept["model"])
+    assert "output: the best checkpoint by validation count_error_rate" in result.stderr
