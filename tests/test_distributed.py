@@ -222,5 +222,5 @@ def test_train_stage_relaunches_itself_through_torchrun(tmp_path):
     rows = pd.read_csv(tmp_path / "plots" / "train" / "tiny.csv")
     assert list(rows["step"]) == [0, 1, 2] and "val_ap_avg" in rows.columns
     runs = list((tmp_path / "checkpoints" / "tiny").iterdir())
-    assert len(runs) == 1 and (runs[0] / "best_ap_avg.pth").is_file()
+    assert len(runs) == 1 and (runs[0] / f"best_{base['train']['best_metric']}.pth").is_file()
     assert [p.name for p in find_checkpoints(runs[0])] == ["model_000000002.pth", "model_000000003.pth"]
