@@ -213,3 +213,18 @@ def test_tensorboard_images(out, tmp_path):
     assert (sep.height, sep.width) == (3 * (SIZE + 2) + 2, vis.panel_count(K) * (SIZE + 2) + 2)
     img = acc.Images("train/1-image")[0]
     assert (img.height, img.width) == (SIZE + 4, 3 * (SIZE + 2) + 2)
+
+
+def test_png_failing_mid_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    old = np.zeros((5, 5, 3), np.uint8)
+    path = vis.save_png(old, tmp_path / "demo.png")
+    before = path.read_bytes()
+
+    def half_then_full_disk(self, f, *args, **kwargs):
+        f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        vis.save_png(np.full((5, 5, 3), 255, np.uint8), path)
+    assert path.read_bytes() == before and no_temp_files(tmp_path)
