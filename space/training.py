@@ -504,7 +504,7 @@ class Trainer:
         self.position = _Position(ckpt["global_step"] + 1, resume["epoch"], resume["batch"])
         self.rows = [row for row in json.loads(resume["rows"]) if row["step"] <= ckpt["global_step"]]
         self.losses.extend(resume["losses"])
-        best_json = self.run_dir / f"best_{self.cfg.best_metric}.json"  # the file on disk is authoritative
+        best_json = self.best_path.with_suffix(".json")  # the file on disk is authoritative
         self.best = json.loads(best_json.read_text()) if env.is_main and best_json.is_file() else None
         self._restore_rng(resume, ckpt["global_step"])
         self.resumed_from = path
@@ -543,6 +543,11 @@ class Trainer:
         self.last_saved = step
         return path
 
+    @property
+    def best_path(self) -> Path:
+        """The best validation checkpoint (by ``train.best_metric``); its ``.json`` sits beside it."""
+        return self.run_dir / f"best_{self.cfg.best_metric}.pth"
+
     def _maybe_save_best(self, metrics: Mapping[str, Any], step: int, position: _Position) -> None:
         name = self.cfg.best_metric
         value = metrics.get(name)
@@ -552,9 +557,9 @@ class Trainer:
         if self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"]):
             return
         self.best = {"name": name, "value": float(value), "global_step": step}
-        best_path = self.run_dir / f"best_{name}.pth"
+        best_path = self.best_path
         save_checkpoint(best_path, self.model, self.optimizers, step, position.epoch, self.cfg)
-        write_json(self.run_dir / f"best_{name}.json", self.best)
+        write_json(best_path.with_suffix(".json"), self.best)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Space:

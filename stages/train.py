@@ -69,10 +69,9 @@ def main(args):
         model = trainer.fit()
         if trainer.env.is_main:
             step, epoch = trainer.position.step - 1, trainer.position.epoch
-            best = trainer.run_dir / f"best_{exp.train.best_metric}.pth"
-            if exp.train.output == "best" and best.exists():  # model selection on the validation split
-                ckpt = space.read_checkpoint(best)
-                model.load_state_dict(ckpt["model"])
+            if exp.train.output == "best" and trainer.best_path.exists():  # model selection on the val split
+                ckpt = space.read_checkpoint(trainer.best_path)
+                space.load_weights(model, ckpt, str(trainer.best_path))
                 step, epoch = ckpt["global_step"], ckpt["epoch"]
                 log.info("output: the best checkpoint by validation %s (step %d)", exp.train.best_metric, step)
             elif exp.train.output == "best":
