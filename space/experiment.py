@@ -48,6 +48,7 @@ class DataConfig:
     min_size: float = 0.1
     max_size: float = 0.2
     shadows: bool = True
+    palette: str = "full"  # 'full' or 'muted' (space.data.rooms.PALETTES)
     # Atari (ale and ATARI)
     games: tuple[str, ...] | None = None
     bgr: bool = False
@@ -67,6 +68,8 @@ class DataConfig:
             _bad("data.max_objects", self.max_objects, f"an integer >= min_objects ({self.min_objects}) >= 1")
         if not 0 < self.min_size <= self.max_size < 1:
             _bad("data.max_size", self.max_size, f"a fraction of the image side with 0 < min_size <= max_size < 1")
+        if self.palette not in ("full", "vivid", "muted"):
+            _bad("data.palette", self.palette, "one of ('full', 'vivid', 'muted')")
         if self.games is not None:
             object.__setattr__(self, "games", tuple(self.games))
         object.__setattr__(self, "split_fractions", tuple(self.split_fractions))
@@ -146,7 +149,8 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
             datasets.generate_rooms(root, image_size=exp.model.image_size, num_train=d.num_train,
                                     num_val=d.num_val, num_test=d.num_test, min_objects=d.min_objects,
                                     max_objects=d.max_objects, min_size=d.min_size, max_size=d.max_size,
-                                    shadows=d.shadows, seed=d.seed, progress=progress)
+                                    shadows=d.shadows, palette=d.palette, seed=d.seed,
+                                    progress=progress)
     elif d.source == "ale":
         if fresh:
             datasets.generate_atari(root, games=d.games or datasets.ATARI_GAMES, num_train=d.num_train,

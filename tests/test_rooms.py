@@ -182,3 +182,49 @@ def test_without_shadows_only_the_shadows_change(seed: int) -> None:
     darker = lit.astype(int) - flat.astype(int)
     assert darker.max() <= 1, "a shadow can only darken a pixel (1 for rounding at antialiased edges)"
     assert (darker.sum(-1) < -30).sum() > 10, "the shadowed render has visible shadows"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_muted_palette_keeps_the_scene_and_sets_objects_apart(seed: int) -> None:
+    """'muted': same layout as 'full'; greyish room, saturated objects."""
+    full, full_ids, full_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                             shadows=False)
+    muted, muted_ids, muted_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                                shadows=False, palette="muted")
+    np.testing.assert_array_equal(full_ids, muted_ids)  # same layout, shapes and boxes
+    np.testing.assert_array_equal(full_boxes, muted_boxes)
+    assert not np.array_equal(full, muted)
+
+    def saturation(rgb: np.ndarray) -> np.ndarray:
+        rgb = rgb.astype(np.float64)
+        top = rgb.max(-1)
+        return np.where(top > 0, (top - rgb.min(-1)) / np.maximum(top, 1), 0.0)
+
+    sat = saturation(muted)
+    room, objects = sat[muted_ids == -1], sat[muted_ids >= 0]
+    assert np.percentile(room, 95) <= 0.2, "floor and walls are greyish (antialiased edges aside)"
+    assert np.median(objects) >= 0.6, "objects are saturated"
+
+
+def test_unknown_palette_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="palette must be one of"):
+        generate_rooms(tmp_path / "rooms", image_size=16, num_train=1, num_val=1, num_test=1, palette="neon")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vivid_palette_changes_only_the_object_colours(seed: int) -> None:
+    full, full_ids, full_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                             shadows=False)
+    vivid, vivid_ids, vivid_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                                shadows=False, palette="vivid")
+    np.testing.assert_array_equal(full_ids, vivid_ids)
+    np.testing.assert_array_equal(full_boxes, vivid_boxes)
+    inner = np.ones_like(full_ids, bool)  # away from antialiased edges
+    inner[1:] &= full_ids[1:] == full_ids[:-1]
+    inner[:-1] &= full_ids[:-1] == full_ids[1:]
+    inner[:, 1:] &= full_ids[:, 1:] == full_ids[:, :-1]
+    inner[:, :-1] &= full_ids[:, :-1] == full_ids[:, 1:]
+    room = (full_ids == -1) & inner
+    np.testing.assert_array_equal(full[room], vivid[room])  # floor and walls as in 'full'
+    assert not np.array_equal(full[full_ids >= 0], vivid[full_ids >= 0])

@@ -98,6 +98,19 @@ SHAPES = ("sphere", "cube", "cylinder")
 #: (a sphere's outline is its diameter; cubes show a top face and a corner,
 #: cylinders their top ellipse).
 BOX_PER_EXTENT = {"sphere": 1.0, "cube": 1.5, "cylinder": 1.2}
+#: Colour ranges (saturation and value of HSV; hue is uniform) per palette: 'full' lets floor,
+#: walls and objects overlap in colour (an object may nearly match the floor); 'muted' is the
+#: CLEVR look, greyish floor and walls with saturated objects, so every object stands out from
+#: the room by its colour. Both draw the same random numbers, so a scene's layout, shapes,
+#: sizes and hues are the same under either palette.
+PALETTES = {
+    "full": {"floor": ((0.05, 0.45), (0.45, 0.8)), "back": ((0.05, 0.4), (0.6, 0.95)),
+             "side": ((0.05, 0.4), (0.5, 0.9)), "object": ((0.45, 0.95), (0.55, 0.95))},
+    "vivid": {"floor": ((0.05, 0.45), (0.45, 0.8)), "back": ((0.05, 0.4), (0.6, 0.95)),
+              "side": ((0.05, 0.4), (0.5, 0.9)), "object": ((0.75, 1.0), (0.6, 0.95))},
+    "muted": {"floor": ((0.0, 0.15), (0.45, 0.75)), "back": ((0.0, 0.12), (0.6, 0.9)),
+              "side": ((0.0, 0.12), (0.5, 0.85)), "object": ((0.7, 1.0), (0.6, 0.95))},
+}
 #: Cylinder height / diameter range, so cylinders range from discs to columns.
 CYLINDER_ASPECT_RANGE = (0.6, 1.6)
 #: Default number of images per split and object size range (fractions of the
@@ -278,6 +291,7 @@ def _place_objects(
     num_objects: int,
     min_size: float,
     max_size: float,
+    palette: str = "full",
 ) -> list[_Object]:
     """Draws non-overlapping objects on the visible floor (rejection sampling)."""
     objects: list[_Object] = []
@@ -286,7 +300,8 @@ def _place_objects(
         screen_size = rng.uniform(min_size, max_size)
         yaw = rng.uniform(0.0, math.pi / 2.0)
         aspect = rng.uniform(*CYLINDER_ASPECT_RANGE)
-        colour = _hsv(rng.uniform(), rng.uniform(0.45, 0.95), rng.uniform(0.55, 0.95))
+        sat, val = PALETTES[palette]["object"]
+        colour = _hsv(rng.uniform(), rng.uniform(*sat), rng.uniform(*val))
         for _try in range(PLACEMENT_TRIES):
             u = rng.uniform(-PLACEMENT_U, PLACEMENT_U)
             v = rng.uniform(*PLACEMENT_V)
@@ -352,7 +367,7 @@ class _Scene:
 
 def _make_scene(
     rng: np.random.Generator, min_objects: int, max_objects: int, min_size: float, max_size: float,
-    shadows: bool = True,
+    shadows: bool = True, palette: str = "full",
 ) -> _Scene:
     camera = _make_camera(rng)
     room_depth = rng.uniform(*ROOM_DEPTH_RANGE)
@@ -360,14 +375,15 @@ def _make_scene(
     light_x = rng.uniform(*LIGHT_SIDE_RANGE) * rng.choice((-1.0, 1.0))
     light = np.array([light_x, rng.uniform(*LIGHT_HEIGHT_RANGE), rng.uniform(*LIGHT_Z_RANGE)], np.float32)
     wall_hue = rng.uniform()
+    pal = PALETTES[palette]
     surface_colours = np.array([
-        _hsv(rng.uniform(), rng.uniform(0.05, 0.45), rng.uniform(0.45, 0.8)),  # floor
-        _hsv(wall_hue, rng.uniform(0.05, 0.4), rng.uniform(0.6, 0.95)),  # back wall
-        _hsv(wall_hue + rng.uniform(-0.08, 0.08), rng.uniform(0.05, 0.4), rng.uniform(0.5, 0.9)),  # left
-        _hsv(wall_hue + rng.uniform(-0.08, 0.08), rng.uniform(0.05, 0.4), rng.uniform(0.5, 0.9)),  # right
+        _hsv(rng.uniform(), rng.uniform(*pal["floor"][0]), rng.uniform(*pal["floor"][1])),  # floor
+        _hsv(wall_hue, rng.uniform(*pal["back"][0]), rng.uniform(*pal["back"][1])),  # back wall
+        _hsv(wall_hue + rng.uniform(-0.08, 0.08), rng.uniform(*pal["side"][0]), rng.uniform(*pal["side"][1])),  # left
+        _hsv(wall_hue + rng.uniform(-0.08, 0.08), rng.uniform(*pal["side"][0]), rng.uniform(*pal["side"][1])),  # right
     ], dtype=np.float32)
     num_objects = int(rng.integers(min_objects, max_objects + 1))
-    objects = _place_objects(rng, camera, room_depth, room_half_width, num_objects, min_size, max_size)
+    objects = _place_objects(rng, camera, room_depth, room_half_width, num_objects, min_size, max_size, palette)
     return _Scene(camera, room_depth, room_half_width, light, surface_colours, objects, shadows)
 
 
@@ -452,6 +468,7 @@ def render_room(
     max_size: float = DEFAULT_MAX_SIZE,
     supersample: int = DEFAULT_SUPERSAMPLE,
     shadows: bool = True,
+    palette: str = "full",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renders one random room.
 
@@ -473,6 +490,8 @@ def render_room(
         shadows: Cast shadows. Without them objects are still shaded
             (Lambertian, ambient), and the scene's random draws are the same,
             so an image differs from its shadowed twin only in the shadows.
+        palette: Colour ranges, a key of :data:`PALETTES` ('full' or 'muted');
+            the scene's random draws are the same under either.
 
     Returns:
         ``(image, id_map, boxes)``: the ``(H, W, 3)`` uint8 RGB image; an
@@ -483,7 +502,9 @@ def render_room(
         ``[j, j+1)``), tight around each visible object's pixels in
         ``id_map``, one row per visible object in increasing object index.
     """
-    scene = _make_scene(rng, min_objects, max_objects, min_size, max_size, shadows)
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
+    scene = _make_scene(rng, min_objects, max_objects, min_size, max_size, shadows, palette)
     size = image_size
     # 1. One ray through each pixel centre (row-major; v points up).
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
@@ -557,6 +578,7 @@ def generate_rooms(
     seed: int = 0,
     supersample: int = DEFAULT_SUPERSAMPLE,
     shadows: bool = True,
+    palette: str = "full",
     num_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -581,6 +603,7 @@ def generate_rooms(
         supersample: Rays per axis for pixels on an edge (adaptive
             antialiasing); 1 turns antialiasing off.
         shadows: Cast shadows (see :func:`render_room`).
+        palette: Colour ranges (see :data:`PALETTES`).
         num_workers: Processes to render with; ``None`` picks up to 2 (one per
             core), and small datasets are rendered in this process.
         progress: Show a tqdm progress bar.
@@ -601,6 +624,8 @@ def generate_rooms(
         raise ValueError(f"need 0 < min_size <= max_size < 1 (fractions of the image side), got {min_size}, {max_size}")
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
     out_root = Path(out_root)
     counts = dict(zip(SPLITS, (num_train, num_val, num_test)))
     total = sum(counts.values())
@@ -608,7 +633,7 @@ def generate_rooms(
         num_workers = min(2, os.cpu_count() or 1) if total >= MIN_IMAGES_FOR_WORKERS else 1
     render_kwargs = dict(
         image_size=image_size, min_objects=min_objects, max_objects=max_objects,
-        min_size=min_size, max_size=max_size, supersample=supersample, shadows=shadows,
+        min_size=min_size, max_size=max_size, supersample=supersample, shadows=shadows, palette=palette,
     )
 
     out_root.parent.mkdir(parents=True, exist_ok=True)
