@@ -48,7 +48,8 @@ class DataConfig:
     min_size: float = 0.1
     max_size: float = 0.2
     shadows: bool = True
-    palette: str = "full"  # 'full' or 'muted' (space.data.rooms.PALETTES)
+    palette: str = "full"  # 'full', 'vivid' or 'muted' (space.data.rooms.PALETTES)
+    walls: str = "shaded"  # or 'flat': the walls one unshaded colour (space.data.rooms.render_room)
     # Atari (ale and ATARI)
     games: tuple[str, ...] | None = None
     bgr: bool = False
@@ -70,6 +71,8 @@ class DataConfig:
             _bad("data.max_size", self.max_size, f"a fraction of the image side with 0 < min_size <= max_size < 1")
         if self.palette not in ("full", "vivid", "muted"):
             _bad("data.palette", self.palette, "one of ('full', 'vivid', 'muted')")
+        if self.walls not in ("shaded", "flat"):
+            _bad("data.walls", self.walls, "one of ('shaded', 'flat')")
         if self.games is not None:
             object.__setattr__(self, "games", tuple(self.games))
         object.__setattr__(self, "split_fractions", tuple(self.split_fractions))
@@ -149,8 +152,8 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
             datasets.generate_rooms(root, image_size=exp.model.image_size, num_train=d.num_train,
                                     num_val=d.num_val, num_test=d.num_test, min_objects=d.min_objects,
                                     max_objects=d.max_objects, min_size=d.min_size, max_size=d.max_size,
-                                    shadows=d.shadows, palette=d.palette, seed=d.seed,
-                                    progress=progress)
+                                    shadows=d.shadows, palette=d.palette, walls=d.walls,
+                                    seed=d.seed, progress=progress)
     elif d.source == "ale":
         if fresh:
             datasets.generate_atari(root, games=d.games or datasets.ATARI_GAMES, num_train=d.num_train,

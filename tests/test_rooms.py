@@ -228,3 +228,20 @@ def test_vivid_palette_changes_only_the_object_colours(seed: int) -> None:
     room = (full_ids == -1) & inner
     np.testing.assert_array_equal(full[room], vivid[room])  # floor and walls as in 'full'
     assert not np.array_equal(full[full_ids >= 0], vivid[full_ids >= 0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flat_walls_are_one_colour_and_keep_the_scene(seed: int) -> None:
+    shaded, shaded_ids, shaded_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                                   shadows=False)
+    flat, flat_ids, flat_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                             shadows=False, walls="flat")
+    np.testing.assert_array_equal(shaded_ids, flat_ids)
+    np.testing.assert_array_equal(shaded_boxes, flat_boxes)
+    top = flat[:3][flat_ids[:3] == -1]  # the top rows show walls only (back and sides)
+    assert len(np.unique(top, axis=0)) == 1, "flat walls are a single colour"
+    assert len(np.unique(shaded[:3][shaded_ids[:3] == -1], axis=0)) > 1, "shaded walls vary"
+    bottom = flat_ids[-3:] == -1  # the floor is shaded as before
+    np.testing.assert_array_equal(flat[-3:][bottom], shaded[-3:][bottom])
+    with pytest.raises(ValueError, match="walls must be one of"):
+        render_room(np.random.default_rng(seed), image_size=16, walls="plain")

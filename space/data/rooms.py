@@ -111,6 +111,9 @@ PALETTES = {
     "muted": {"floor": ((0.0, 0.15), (0.45, 0.75)), "back": ((0.0, 0.12), (0.6, 0.9)),
               "side": ((0.0, 0.12), (0.5, 0.85)), "object": ((0.7, 1.0), (0.6, 0.95))},
 }
+#: Brightness of the walls when they are 'flat' (one colour, no shading): a backdrop.
+FLAT_WALL_INTENSITY = 0.85
+WALL_STYLES = ("shaded", "flat")
 #: Cylinder height / diameter range, so cylinders range from discs to columns.
 CYLINDER_ASPECT_RANGE = (0.6, 1.6)
 #: Default number of images per split and object size range (fractions of the
@@ -363,11 +366,12 @@ class _Scene:
     surface_colours: np.ndarray  # (4, 3): floor, back, left, right wall
     objects: list[_Object]
     shadows: bool = True  # cast shadows (a shadow ray per lit point)
+    walls: str = "shaded"  # 'flat': the three walls one colour, unshaded
 
 
 def _make_scene(
     rng: np.random.Generator, min_objects: int, max_objects: int, min_size: float, max_size: float,
-    shadows: bool = True, palette: str = "full",
+    shadows: bool = True, palette: str = "full", walls: str = "shaded",
 ) -> _Scene:
     camera = _make_camera(rng)
     room_depth = rng.uniform(*ROOM_DEPTH_RANGE)
@@ -382,9 +386,11 @@ def _make_scene(
         _hsv(wall_hue + rng.uniform(-0.08, 0.08), rng.uniform(*pal["side"][0]), rng.uniform(*pal["side"][1])),  # left
         _hsv(wall_hue + rng.uniform(-0.08, 0.08), rng.uniform(*pal["side"][0]), rng.uniform(*pal["side"][1])),  # right
     ], dtype=np.float32)
+    if walls == "flat":  # drawn above all the same, so the layout does not depend on the style
+        surface_colours[2:] = surface_colours[1]
     num_objects = int(rng.integers(min_objects, max_objects + 1))
     objects = _place_objects(rng, camera, room_depth, room_half_width, num_objects, min_size, max_size, palette)
-    return _Scene(camera, room_depth, room_half_width, light, surface_colours, objects, shadows)
+    return _Scene(camera, room_depth, room_half_width, light, surface_colours, objects, shadows, walls)
 
 
 _PLANE_NORMALS = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0], [-1, 0, 0]], np.float32)
@@ -443,6 +449,8 @@ def _trace(scene: _Scene, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
         shadowed[lit[blocked]] = True
         lambert[shadowed] = 0.0
     intensity = AMBIENT + (1.0 - AMBIENT) * lambert / (1.0 + FALLOFF * dist * dist)
+    if scene.walls == "flat":
+        intensity[(surface > 0) & (ids == _BACKGROUND_ID)] = FLAT_WALL_INTENSITY
     label = surface + len(_PLANE_NORMALS) * (ids + 1) + 1024 * shadowed
     return albedo * intensity[None], ids, label
 
@@ -469,6 +477,7 @@ def render_room(
     supersample: int = DEFAULT_SUPERSAMPLE,
     shadows: bool = True,
     palette: str = "full",
+    walls: str = "shaded",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Renders one random room.
 
@@ -492,6 +501,9 @@ def render_room(
             so an image differs from its shadowed twin only in the shadows.
         palette: Colour ranges, a key of :data:`PALETTES` ('full' or 'muted');
             the scene's random draws are the same under either.
+        walls: 'shaded' (lit like the floor) or 'flat': the back and side walls
+            take the back wall's colour, unshaded and unshadowed, like a studio
+            backdrop; the scene's random draws are the same under either.
 
     Returns:
         ``(image, id_map, boxes)``: the ``(H, W, 3)`` uint8 RGB image; an
@@ -504,7 +516,9 @@ def render_room(
     """
     if palette not in PALETTES:
         raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
-    scene = _make_scene(rng, min_objects, max_objects, min_size, max_size, shadows, palette)
+    if walls not in WALL_STYLES:
+        raise ValueError(f"walls must be one of {WALL_STYLES}, got {walls!r}")
+    scene = _make_scene(rng, min_objects, max_objects, min_size, max_size, shadows, palette, walls)
     size = image_size
     # 1. One ray through each pixel centre (row-major; v points up).
     centres = (np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0
@@ -579,6 +593,7 @@ def generate_rooms(
     supersample: int = DEFAULT_SUPERSAMPLE,
     shadows: bool = True,
     palette: str = "full",
+    walls: str = "shaded",
     num_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -604,6 +619,7 @@ def generate_rooms(
             antialiasing); 1 turns antialiasing off.
         shadows: Cast shadows (see :func:`render_room`).
         palette: Colour ranges (see :data:`PALETTES`).
+        walls: 'shaded' or 'flat' (see :func:`render_room`).
         num_workers: Processes to render with; ``None`` picks up to 2 (one per
             core), and small datasets are rendered in this process.
         progress: Show a tqdm progress bar.
@@ -626,6 +642,8 @@ def generate_rooms(
         raise ValueError(f"supersample must be >= 1, got {supersample}")
     if palette not in PALETTES:
         raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
+    if walls not in WALL_STYLES:
+        raise ValueError(f"walls must be one of {WALL_STYLES}, got {walls!r}")
     out_root = Path(out_root)
     counts = dict(zip(SPLITS, (num_train, num_val, num_test)))
     total = sum(counts.values())
@@ -634,6 +652,7 @@ def generate_rooms(
     render_kwargs = dict(
         image_size=image_size, min_objects=min_objects, max_objects=max_objects,
         min_size=min_size, max_size=max_size, supersample=supersample, shadows=shadows, palette=palette,
+        walls=walls,
     )
 
     out_root.parent.mkdir(parents=True, exist_ok=True)
