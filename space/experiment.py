@@ -49,7 +49,7 @@ class DataConfig:
     max_size: float = 0.2
     shadows: bool = True
     palette: str = "full"  # 'full', 'vivid' or 'muted' (space.data.rooms.PALETTES)
-    walls: str = "shaded"  # or 'flat': the walls one unshaded colour (space.data.rooms.render_room)
+    walls: str = "shaded"  # 'flat': one unshaded colour; 'back': no side walls in view (rooms.render_room)
     # Atari (ale and ATARI)
     games: tuple[str, ...] | None = None
     bgr: bool = False
@@ -71,8 +71,8 @@ class DataConfig:
             _bad("data.max_size", self.max_size, f"a fraction of the image side with 0 < min_size <= max_size < 1")
         if self.palette not in ("full", "vivid", "muted"):
             _bad("data.palette", self.palette, "one of ('full', 'vivid', 'muted')")
-        if self.walls not in ("shaded", "flat"):
-            _bad("data.walls", self.walls, "one of ('shaded', 'flat')")
+        if self.walls not in ("shaded", "flat", "back"):
+            _bad("data.walls", self.walls, "one of ('shaded', 'flat', 'back')")
         if self.games is not None:
             object.__setattr__(self, "games", tuple(self.games))
         object.__setattr__(self, "split_fractions", tuple(self.split_fractions))

@@ -245,3 +245,16 @@ def test_flat_walls_are_one_colour_and_keep_the_scene(seed: int) -> None:
     np.testing.assert_array_equal(flat[-3:][bottom], shaded[-3:][bottom])
     with pytest.raises(ValueError, match="walls must be one of"):
         render_room(np.random.default_rng(seed), image_size=16, walls="plain")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_back_wall_only_hides_the_side_walls(seed: int) -> None:
+    image, ids, boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4, shadows=False,
+                                    walls="back")
+    np.testing.assert_array_equal(boxes, expected_boxes(ids))
+    # Only floor and back wall: the top row (back wall) has no corner to a side wall, so its
+    # colour changes smoothly (light falloff), without the jump of a wall edge.
+    top = image[0].astype(int)
+    assert np.abs(np.diff(top, axis=0)).max() <= 3
+    shaded = render_room(np.random.default_rng(seed), image_size=64, max_objects=4, shadows=False)[0]
+    assert np.abs(np.diff(shaded[0].astype(int), axis=0)).max() > 3, "the usual room shows a side wall"

@@ -113,7 +113,9 @@ PALETTES = {
 }
 #: Brightness of the walls when they are 'flat' (one colour, no shading): a backdrop.
 FLAT_WALL_INTENSITY = 0.85
-WALL_STYLES = ("shaded", "flat")
+WALL_STYLES = ("shaded", "flat", "back")
+#: With walls 'back' the side walls stand this many times further out, beyond the view.
+WIDE_ROOM_FACTOR = 4.0
 #: Cylinder height / diameter range, so cylinders range from discs to columns.
 CYLINDER_ASPECT_RANGE = (0.6, 1.6)
 #: Default number of images per split and object size range (fractions of the
@@ -375,7 +377,7 @@ def _make_scene(
 ) -> _Scene:
     camera = _make_camera(rng)
     room_depth = rng.uniform(*ROOM_DEPTH_RANGE)
-    room_half_width = rng.uniform(*ROOM_HALF_WIDTH_RANGE)
+    room_half_width = rng.uniform(*ROOM_HALF_WIDTH_RANGE) * (WIDE_ROOM_FACTOR if walls == "back" else 1.0)
     light_x = rng.uniform(*LIGHT_SIDE_RANGE) * rng.choice((-1.0, 1.0))
     light = np.array([light_x, rng.uniform(*LIGHT_HEIGHT_RANGE), rng.uniform(*LIGHT_Z_RANGE)], np.float32)
     wall_hue = rng.uniform()
@@ -503,7 +505,10 @@ def render_room(
             the scene's random draws are the same under either.
         walls: 'shaded' (lit like the floor) or 'flat': the back and side walls
             take the back wall's colour, unshaded and unshadowed, like a studio
-            backdrop; the scene's random draws are the same under either.
+            backdrop; or 'back': shaded, with the side walls moved out of view
+            (a room WIDE_ROOM_FACTOR times wider), so only the floor and the
+            back wall show. The scene's random draws are the same in all three
+            (with 'back', an object placed against a side wall may move).
 
     Returns:
         ``(image, id_map, boxes)``: the ``(H, W, 3)`` uint8 RGB image; an
