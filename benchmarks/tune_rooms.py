@@ -3,13 +3,17 @@
 Trains the experiment of params.yaml with `section.key=value` overrides (sections: data, model,
 train of `exp.<experiment>`) into runs/tune/<name>/, validating every `train.eval_every` steps,
 then prints each validation row (step, AP50, mean AP, count accuracy) and the best AP50.
-The default experiment's settings were chosen from runs like these, two at a time on one
-thread each (seed 1, one run per setting), for example:
+The default experiment's settings were chosen from runs like these (seed 1, one run per
+setting; README "The default experiment"), for example:
 
-    .venv/bin/python benchmarks/tune_rooms.py K --threads 1 train.max_steps=3000 \
-        model.z_scale_mean_end_value=-1.75
+    .venv/bin/python benchmarks/tune_rooms.py Y1 --threads 2 data.walls=back data.root=data/rooms64vb \
+        model.bl_off_step=1500 model.z_scale_mean_end_value=-2.0
 
-A run that is started again resumes from its last checkpoint.
+Data overrides generate their images into ``data.root`` (as the data stage does), so give them a
+root of their own, or they replace the default's images. A run that is started again resumes
+from its last checkpoint; copying a checkpoint into ``runs/tune/<other>/checkpoints/`` continues
+it there under other settings (a branch: e.g. switching the boundary loss off from step 1500).
+``benchmarks/rooms_errors.py`` then says which errors remain.
 """
 import argparse
 import sys
@@ -22,7 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from space.experiment import build_dataset, load_experiment  # noqa: E402
+from space.experiment import build_dataset, load_experiment, prepare_data  # noqa: E402
 from space.training import Trainer  # noqa: E402
 
 
@@ -48,6 +52,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))
     exp = load_experiment(str(out / "params.yaml"), args.experiment)
+    prepare_data(exp)
     start = time.time()
     trainer = Trainer(exp.model, exp.train, build_dataset(exp, "train"), out / "checkpoints",
                       val_set=build_dataset(exp, "val"), log_dir=out / "logs", plots_path=out / "plots.csv")

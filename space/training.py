@@ -551,6 +551,9 @@ class Trainer:
     def _maybe_save_best(self, metrics: Mapping[str, Any], step: int, position: _Position) -> None:
         name = self.cfg.best_metric
         value = metrics.get(name)
+        if step == 0:
+            return  # the initial weights are no trained model: a run whose foreground collapsed must
+            # not hand them on as its best (its later checkpoints then carry the bg_failure verdict)
         if value is None or not math.isfinite(value):
             return  # never let a NaN or missing value replace the best (the original did)
         higher = BEST_METRICS[name]

@@ -126,3 +126,16 @@ def test_rerun_after_completion_does_no_work(tmp_path):
 def test_empty_training_split_is_refused(tmp_path):
     with pytest.raises(ValueError, match="the training split is empty"):
         Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), RandomImages(n=0), tmp_path)
+
+
+def test_the_initial_weights_are_never_the_best_checkpoint(tmp_path):
+    # A run whose foreground collapses scores AP 0 at every validation after step 0, where random
+    # boxes may hit by chance: the untrained model must not become the stage's output.
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 3, "best_metric": "ap_50"})
+    trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+    position = trainer.position
+    trainer._maybe_save_best({"ap_50": 0.002}, 0, position)
+    assert trainer.best is None and not trainer.best_path.exists()
+    trainer._maybe_save_best({"ap_50": 0.0}, 2, position)
+    assert trainer.best == {"name": "ap_50", "value": 0.0, "global_step": 2}
+    assert read_checkpoint(trainer.best_path)["global_step"] == 2
