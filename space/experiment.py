@@ -69,10 +69,12 @@ class DataConfig:
             _bad("data.max_objects", self.max_objects, f"an integer >= min_objects ({self.min_objects}) >= 1")
         if not 0 < self.min_size <= self.max_size < 1:
             _bad("data.max_size", self.max_size, f"a fraction of the image side with 0 < min_size <= max_size < 1")
-        if self.palette not in ("full", "vivid", "muted"):
-            _bad("data.palette", self.palette, "one of ('full', 'vivid', 'muted')")
-        if self.walls not in ("shaded", "flat", "back"):
-            _bad("data.walls", self.walls, "one of ('shaded', 'flat', 'back')")
+        from .data.rooms import PALETTES, WALL_STYLES
+
+        if self.palette not in PALETTES:
+            _bad("data.palette", self.palette, f"one of {tuple(PALETTES)}")
+        if self.walls not in WALL_STYLES:
+            _bad("data.walls", self.walls, f"one of {WALL_STYLES}")
         if self.games is not None:
             object.__setattr__(self, "games", tuple(self.games))
         object.__setattr__(self, "split_fractions", tuple(self.split_fractions))

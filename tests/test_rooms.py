@@ -184,15 +184,22 @@ def test_without_shadows_only_the_shadows_change(seed: int) -> None:
     assert (darker.sum(-1) < -30).sum() > 10, "the shadowed render has visible shadows"
 
 
+def render_pair(seed: int, **style: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A room rendered with the generator's default style and with ``style``: (default image,
+    styled image, object ids). The style changes colours only: ids and boxes must be the same."""
+    base, base_ids, base_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                             shadows=False)
+    styled, ids, boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
+                                     shadows=False, **style)
+    np.testing.assert_array_equal(base_ids, ids)  # same layout, shapes and boxes
+    np.testing.assert_array_equal(base_boxes, boxes)
+    return base, styled, ids
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_muted_palette_keeps_the_scene_and_sets_objects_apart(seed: int) -> None:
     """'muted': same layout as 'full'; greyish room, saturated objects."""
-    full, full_ids, full_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
-                                             shadows=False)
-    muted, muted_ids, muted_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
-                                                shadows=False, palette="muted")
-    np.testing.assert_array_equal(full_ids, muted_ids)  # same layout, shapes and boxes
-    np.testing.assert_array_equal(full_boxes, muted_boxes)
+    full, muted, muted_ids = render_pair(seed, palette="muted")
     assert not np.array_equal(full, muted)
 
     def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -214,12 +221,7 @@ def test_unknown_palette_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_vivid_palette_changes_only_the_object_colours(seed: int) -> None:
-    full, full_ids, full_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
-                                             shadows=False)
-    vivid, vivid_ids, vivid_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
-                                                shadows=False, palette="vivid")
-    np.testing.assert_array_equal(full_ids, vivid_ids)
-    np.testing.assert_array_equal(full_boxes, vivid_boxes)
+    full, vivid, full_ids = render_pair(seed, palette="vivid")
     inner = np.ones_like(full_ids, bool)  # away from antialiased edges
     inner[1:] &= full_ids[1:] == full_ids[:-1]
     inner[:-1] &= full_ids[:-1] == full_ids[1:]
@@ -232,15 +234,10 @@ def test_vivid_palette_changes_only_the_object_colours(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_flat_walls_are_one_colour_and_keep_the_scene(seed: int) -> None:
-    shaded, shaded_ids, shaded_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
-                                                   shadows=False)
-    flat, flat_ids, flat_boxes = render_room(np.random.default_rng(seed), image_size=64, max_objects=4,
-                                             shadows=False, walls="flat")
-    np.testing.assert_array_equal(shaded_ids, flat_ids)
-    np.testing.assert_array_equal(shaded_boxes, flat_boxes)
+    shaded, flat, flat_ids = render_pair(seed, walls="flat")
     top = flat[:3][flat_ids[:3] == -1]  # the top rows show walls only (back and sides)
     assert len(np.unique(top, axis=0)) == 1, "flat walls are a single colour"
-    assert len(np.unique(shaded[:3][shaded_ids[:3] == -1], axis=0)) > 1, "shaded walls vary"
+    assert len(np.unique(shaded[:3][flat_ids[:3] == -1], axis=0)) > 1, "shaded walls vary"
     bottom = flat_ids[-3:] == -1  # the floor is shaded as before
     np.testing.assert_array_equal(flat[-3:][bottom], shaded[-3:][bottom])
     with pytest.raises(ValueError, match="walls must be one of"):

@@ -371,6 +371,14 @@ class _Scene:
     walls: str = "shaded"  # 'flat': the three walls one colour, unshaded
 
 
+def check_style(palette: str, walls: str) -> None:
+    """Raise ValueError unless ``palette`` is a key of PALETTES and ``walls`` one of WALL_STYLES."""
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
+    if walls not in WALL_STYLES:
+        raise ValueError(f"walls must be one of {WALL_STYLES}, got {walls!r}")
+
+
 def _make_scene(
     rng: np.random.Generator, min_objects: int, max_objects: int, min_size: float, max_size: float,
     shadows: bool = True, palette: str = "full", walls: str = "shaded",
@@ -519,10 +527,7 @@ def render_room(
         ``[j, j+1)``), tight around each visible object's pixels in
         ``id_map``, one row per visible object in increasing object index.
     """
-    if palette not in PALETTES:
-        raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
-    if walls not in WALL_STYLES:
-        raise ValueError(f"walls must be one of {WALL_STYLES}, got {walls!r}")
+    check_style(palette, walls)
     scene = _make_scene(rng, min_objects, max_objects, min_size, max_size, shadows, palette, walls)
     size = image_size
     # 1. One ray through each pixel centre (row-major; v points up).
@@ -645,10 +650,7 @@ def generate_rooms(
         raise ValueError(f"need 0 < min_size <= max_size < 1 (fractions of the image side), got {min_size}, {max_size}")
     if supersample < 1:
         raise ValueError(f"supersample must be >= 1, got {supersample}")
-    if palette not in PALETTES:
-        raise ValueError(f"palette must be one of {sorted(PALETTES)}, got {palette!r}")
-    if walls not in WALL_STYLES:
-        raise ValueError(f"walls must be one of {WALL_STYLES}, got {walls!r}")
+    check_style(palette, walls)
     out_root = Path(out_root)
     counts = dict(zip(SPLITS, (num_train, num_val, num_test)))
     total = sum(counts.values())
