@@ -62,8 +62,8 @@ def main() -> None:
                         far_inside += 1
                 for j, g in enumerate(iou.argmax(1) if len(gt) else []):
                     if iou[j, g] > 0.3:
-                        ratios.append((pred[j, 1] - pred[j, 0]) / (gt[g, 1] - gt[g, 0]))
-                        ratios[-1] = (ratios[-1], (pred[j, 3] - pred[j, 2]) / (gt[g, 3] - gt[g, 2]))
+                        ratios.append(((pred[j, 1] - pred[j, 0]) / (gt[g, 1] - gt[g, 0]),
+                                       (pred[j, 3] - pred[j, 2]) / (gt[g, 3] - gt[g, 2])))
                 if len(shown) < 24:
                     shown.append((x[k], gt, boxes[k], prob[k]))
     ratios = np.array(ratios).reshape(-1, 2)
