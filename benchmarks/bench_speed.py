@@ -2,19 +2,20 @@
 
 Usage: .venv/bin/python benchmarks/bench_speed.py [--configs 3d_room_small atari_spaceinvaders]
            [--batch 12] [--steps 5] [--warmup 1] [--threads 2] [--tasks train infer]
-           [--paths reference fast fast+chunks] [--scale-bias 0] [--no-memory] [--thp] [--json FILE]
+           [--paths reference fast fast+lowmem] [--scale-bias 0] [--no-memory] [--thp] [--json FILE]
 
 Variants, all built with the same seed and fed the same random 128 x 128 batch (priors of step 5000).
 At initialisation the boxes are about half the image wide (z_scale ~ sigmoid(0)), the worst case
 for windowed compositing; ``--scale-bias -2`` shifts the z_scale means (for all variants alike)
 to boxes of ~12% of the image, the size the annealed prior (mean -1 -> -2) drives a model to.
 
-* reference: the SPEC-literal modules (``fast_path=False`` where the config has that switch);
-* fast: ``space.fastpath.use_fast_path(model, glimpse_chunk=None)``: batched glimpse crop,
-  windowed compositing and boundary map, split spatial-broadcast decoder (the three fast-path
-  pieces; the per-glimpse networks run whole, as in the reference);
-* fast+chunks: the same plus z_what_net and glimpse_dec in checkpointed chunks of
-  ``space.fastpath.GLIMPSE_CHUNK`` glimpses (``use_fast_path(model)``).
+* reference: the SPEC-literal modules (``model.fast_path: false``);
+* fast: the default (``model.fast_path: true``): batched glimpse crop, windowed compositing and
+  boundary map, split spatial-broadcast decoder in channels_last (the per-glimpse networks run
+  whole, as in the reference);
+* fast+lowmem: the same with ``model.low_memory: true``: z_what_net and glimpse_dec in
+  checkpointed chunks of ``space.fastpath.GLIMPSE_CHUNK`` glimpses, and the composition pieces,
+  mask decoder and component-decoder blocks recomputed in the backward.
 
 Tasks:
 
@@ -59,10 +60,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from space.fastpath import GLIMPSE_CHUNK  # noqa: E402
-
-# name -> glimpse_chunk for use_fast_path (absent for the reference)
-VARIANTS = {"reference": None, "fast": None, "fast+chunks": GLIMPSE_CHUNK}
+# name -> (model.fast_path, model.low_memory)
+VARIANTS = {"reference": (False, False), "fast": (True, False), "fast+lowmem": (True, True)}
 PRIOR_STEP = 5000
 
 
@@ -77,17 +76,13 @@ def _setup(config: str, path: str, batch: int, scale_bias: float):
     import torch
 
     import space
-    from space.fastpath import use_fast_path
 
-    cfg = space.original_config(config)[0]
-    if hasattr(cfg, "fast_path"):  # the config switch, where it exists: off for the reference
-        cfg = dataclasses.replace(cfg, fast_path=path != "reference")
+    fast_path, low_memory = VARIANTS[path]
+    cfg = dataclasses.replace(space.original_config(config)[0], fast_path=fast_path, low_memory=low_memory)
     torch.manual_seed(0)
     model = space.build_model(cfg)
     with torch.no_grad():  # shift the pre-sigmoid z_scale means (x, y): smaller or larger boxes
         model.fg_module.img_encoder.z_scale_net.bias[:2] += scale_bias
-    if path != "reference":
-        use_fast_path(model, glimpse_chunk=VARIANTS[path])
     size = model.cfg.image_size
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     return model, space.build_optimizers(model), x, space.priors_at(model.cfg, PRIOR_STEP)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .fastpath import spatial_broadcast_decode
+from .fastpath import run_checkpointed, spatial_broadcast_decode
 from .distributions import normal_kl, normal_log_prob, normal_sample
 from .layers import conv_bn_elu, pixel_shuffle_decoder, scaled
 
@@ -111,6 +111,7 @@ class CompDecoder(nn.Module):
         super().__init__()
         self.size = cfg.image_size + SPATIAL_BROADCAST_PAD
         self.fast_path = cfg.fast_path
+        self.low_memory = cfg.fast_path and cfg.low_memory
         c = scaled(32, cfg.bg_width)
         self.spatial_broadcast = SpatialBroadcast()
         self.decoder = nn.Sequential(*conv_bn_elu(cfg.z_comp_dim + 2, c, 3, 1, 0), *conv_bn_elu(c, c, 3, 1, 0),
@@ -118,7 +119,7 @@ class CompDecoder(nn.Module):
 
     def forward(self, z_comp: torch.Tensor) -> torch.Tensor:
         if self.fast_path:  # the first conv split into a per-sample and a shared term (fastpath.py)
-            return spatial_broadcast_decode(self.decoder, z_comp, self.size)
+            return spatial_broadcast_decode(self.decoder, z_comp, self.size, recompute=self.low_memory)
         return torch.sigmoid(self.decoder(self.spatial_broadcast(z_comp, self.size)))
 
 
@@ -196,7 +197,10 @@ class SpaceBg(nn.Module):
             z_mask = normal_sample(loc, scale, deterministic)  # (B, D)
             z_masks.append(z_mask)
             mask_posts.append((loc, scale))
-            pis.append(self.mask_decoder(z_mask))  # (B, 1, H, W)
+            if cfg.fast_path and cfg.low_memory:  # recomputed in the backward (GroupNorm only: exact)
+                pis.append(run_checkpointed(self.mask_decoder, z_mask))  # (B, 1, H, W)
+            else:
+                pis.append(self.mask_decoder(z_mask))  # (B, 1, H, W)
         masks = torch.stack(stick_breaking(pis), 1)  # (B, K, 1, H, W)
 
         # 2. Components: encode [log mask, image] per (b, k), flattened as b*K + k (SPEC 5.4).

@@ -34,6 +34,10 @@ class ModelConfig:
     # The same mathematics computed without full-resolution maps per cell (space/fastpath.py);
     # False runs the SPEC-literal reference code. Not an architecture change: weights are shared.
     fast_path: bool = True
+    # With the fast path, trade time for memory: keep fewer activations for the backward and
+    # recompute them there (glimpse networks in chunks, composition windows, mask decoder, component
+    # decoder blocks). Same values and gradients; roughly a third of the step's time more.
+    low_memory: bool = False
     # Foreground (SPEC 1.2).
     G: int = 8
     fg_sigma: float = 0.15

@@ -133,8 +133,39 @@ def _windows(scale: torch.Tensor, shift: torch.Tensor, glimpse_side: int, image_
     return start, length
 
 
+def _compose_piece(base_x: torch.Tensor, base_y: torch.Tensor, flat: torch.Tensor, maps_k: torch.Tensor,
+                   affine_k: torch.Tensor, shift: torch.Tensor, count: torch.Tensor, denominator: torch.Tensor,
+                   *sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One piece of :func:`compose`: sample its windows and add them to the running sums.
+
+    base_x (nb, Px) and base_y (nb, Py) are the windows' pixel-centre coordinates, flat
+    (nb*Py*Px,) their indices into the (B*H*W,) maps. Returns the updated shift, count,
+    denominator and sums (Y (3), A and, where given, K).
+    """
+    nb, Px = base_x.shape
+    Py = base_y.size(1)
+    a_x, c_x, a_y, c_y = affine_k.unbind(1)  # (nb,) each
+    gx = base_x * a_x[:, None] + c_x[:, None]  # (nb, Px), the same values as affine_grid's
+    gy = base_y * a_y[:, None] + c_y[:, None]  # (nb, Py)
+    grid = torch.stack((gx[:, None, :].expand(nb, Py, Px), gy[:, :, None].expand(nb, Py, Px)), -1)  # (nb, Py, Px, 2)
+    sampled = F.grid_sample(maps_k, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    I, *rest = (channel.reshape(-1) for channel in sampled.unbind(1))  # (nb*Py*Px,) each: I, Y (3), A, [K]
+
+    # Online softmax over pieces: raise the shift where this piece's importance exceeds it,
+    # and rescale what was accumulated against the old shift by exp(m_old - m_new) <= 1.
+    with torch.no_grad():
+        new_shift = shift.scatter_reduce(0, flat, I, "amax", include_self=True)  # m(p) = max(0, max I)
+        rescale = torch.exp(shift - new_shift)  # (B*H*W,)
+        count = count.index_add(0, flat, torch.ones_like(I))  # c(p)
+    e = torch.exp(I - new_shift[flat])  # (nb*Py*Px,) every exponent <= 0
+    denominator = (denominator * rescale).index_add(0, flat, e)
+    sums = [(total * rescale).index_add(0, flat, value * e) if c < 4 else total.index_add(0, flat, value)
+            for c, (total, value) in enumerate(zip(sums, rest))]
+    return (new_shift, count, denominator, *sums)
+
+
 def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor, z_where: torch.Tensor,
-            image_size: int, boundary: torch.Tensor | None = None
+            image_size: int, boundary: torch.Tensor | None = None, recompute: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Paste every cell's glimpse maps and take the softmax over cells, on windows only (SPEC 4.5, 4.6).
 
@@ -174,6 +205,10 @@ def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.
         z_where: (B, N, 4) boxes [sx, sy, tx, ty].
         image_size: H = W.
         boundary: optional (B*N, 1, h, w) glimpse maps that are only pasted and summed.
+        recompute: with gradients enabled, checkpoint each piece (torch.utils.checkpoint): the
+            backward keeps only the pieces' inputs and the (B*H*W,) running sums, and samples
+            each piece's windows again, instead of keeping every window's intermediate values.
+            The recomputation is exact (no randomness; the same operations on the same inputs).
     Returns:
         fg (B, 3, H, W), alpha_map (B, 1, H, W), boundary_sum (B, 1, H, W) or None.
     """
@@ -222,25 +257,13 @@ def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.
             rows = y0[:, None] + torch.arange(Py, device=cells.device)  # (nb, Py)
             image = torch.div(cells, N, rounding_mode="floor")  # (nb,) b of each cell
             flat = ((image[:, None] * H + rows)[:, :, None] * W + cols[:, None, :]).reshape(-1)  # (nb*Py*Px,)
-        a_x, c_x, a_y, c_y = affine_k.unbind(1)  # (nb,) each
-        gx = base_x[cols] * a_x[:, None] + c_x[:, None]  # (nb, Px), the same values as affine_grid's
-        gy = base_y[rows] * a_y[:, None] + c_y[:, None]  # (nb, Py)
-        nb = cells.numel()
-        grid = torch.stack((gx[:, None, :].expand(nb, Py, Px), gy[:, :, None].expand(nb, Py, Px)), -1)  # (nb, Py, Px, 2)
-        sampled = F.grid_sample(maps_k, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        I, *rest = (channel.reshape(-1) for channel in sampled.unbind(1))  # (nb*Py*Px,) each: I, Y (3), A, [K]
-
-        # Online softmax over buckets: raise the shift where this bucket's importance exceeds it,
-        # and rescale what was accumulated against the old shift by exp(m_old - m_new) <= 1.
-        with torch.no_grad():
-            new_shift = shift.scatter_reduce(0, flat, I, "amax", include_self=True)  # m(p) = max(0, max I)
-            rescale = torch.exp(shift - new_shift)  # (B*H*W,)
-            count = count.index_add(0, flat, torch.ones_like(I))  # c(p)
-        e = torch.exp(I - new_shift[flat])  # (nb*Py*Px,) every exponent <= 0
-        denominator = (denominator * rescale).index_add(0, flat, e)
-        sums = [(total * rescale).index_add(0, flat, value * e) if c < 4 else total.index_add(0, flat, value)
-                for c, (total, value) in enumerate(zip(sums, rest))]
-        shift = new_shift
+        step = functools.partial(_compose_piece, base_x[cols], base_y[rows], flat)
+        if recompute and torch.is_grad_enabled():
+            # Keep only this piece's inputs; its windows are sampled again during the backward.
+            shift, count, denominator, *sums = checkpoint(step, maps_k, affine_k, shift, count, denominator, *sums,
+                                                          use_reentrant=False, preserve_rng_state=False)
+        else:
+            shift, count, denominator, *sums = step(maps_k, affine_k, shift, count, denominator, *sums)
     denominator = denominator + (N - count) * torch.exp(-shift)  # the N - c(p) cells with I = 0 there
 
     composite = (torch.stack(sums[:4]) / denominator).view(4, 1, B, H, W)
@@ -271,7 +294,7 @@ def _compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_
 # --------------------------------------------------------------------------------------------
 
 def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
-                             channels_last: bool = True) -> torch.Tensor:
+                             channels_last: bool = True, recompute: bool = False) -> torch.Tensor:
     """``sigmoid(decoder(SpatialBroadcast()(z, size)))`` without the broadcast tensor.
 
     decoder[0] is an unpadded 3x3 convolution over [z tiled (D channels), x, y]. At every output
@@ -294,6 +317,9 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
         z: (M, D) latents.
         size: S, the broadcast side (H + 8 in SPACE).
         channels_last: run decoder[1:] in channels_last format.
+        recompute: with gradients enabled, checkpoint decoder[1:] block by block (each block a
+            BatchNorm, its ELU and the next conv; see :func:`_recompute_safe`): the backward keeps
+            one activation per block instead of two and recomputes the rest.
     Returns:
         (M, out, S - 8, S - 8) for SPACE's decoder, contiguous: sigmoid of the decoder output.
     """
@@ -308,14 +334,61 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
     if channels_last:
         coord_part = coord_part.contiguous(memory_format=torch.channels_last)
     h = z_part[:, :, None, None] + coord_part  # (M, c, S', S'), in coord_part's memory format
-    previous: nn.Module = conv
+    # Blocks that each start at a BatchNorm (the conv before it ends the previous block).
+    blocks: list[list[nn.Module]] = [[]]
     for layer in decoder[1:]:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and blocks[-1]:
+            blocks.append([])
+        blocks[-1].append(layer)
+    for block in blocks:
+        if recompute and torch.is_grad_enabled():
+            h = checkpoint(_recompute_safe(_run_block, block), block, h, use_reentrant=False, preserve_rng_state=False)
+        else:
+            h = _run_block(block, h)
+    return torch.sigmoid(h).contiguous()
+
+
+def _run_block(layers: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+    """Layers in order; an ELU right after a BatchNorm runs in place on its fresh output."""
+    previous: nn.Module | None = None
+    for layer in layers:
         if isinstance(layer, nn.ELU) and isinstance(previous, nn.modules.batchnorm._BatchNorm):
             h = F.elu(h, layer.alpha, inplace=True)  # h is BatchNorm's fresh output, unused elsewhere
         else:
             h = layer(h)
         previous = layer
-    return torch.sigmoid(h).contiguous()
+    return h
+
+
+def _recompute_safe(fn, layers: list[nn.Module]):
+    """``fn`` for torch.utils.checkpoint over layers that may hold BatchNorms.
+
+    The checkpoint calls ``fn`` again during the backward. A BatchNorm in train mode normalises
+    by its batch statistics, so the recomputed values are the same; but it would also update its
+    running statistics a second time. From the second call on, every BatchNorm runs with
+    momentum 0 (running statistics kept exactly: r <- 1 * r + 0 * batch) and its
+    ``num_batches_tracked`` is put back, so one step updates them once, as without checkpointing.
+    """
+    norms = [m for layer in layers for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    calls = 0
+
+    def run(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not norms:
+            return fn(*args)
+        saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                 for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            return fn(*args)
+        finally:
+            for m, momentum, tracked in saved:
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
+    return run
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
@@ -398,13 +471,14 @@ def fast_comp_decoder_forward(comp_decoder: "CompDecoder", z_comp: torch.Tensor)
 
 
 def fast_fg_forward(fg_module: "SpaceFg", x: torch.Tensor, priors: "Priors", deterministic: bool = False,
-                    glimpse_chunk: int | None = GLIMPSE_CHUNK) -> "FgOutput":
+                    glimpse_chunk: int | None = GLIMPSE_CHUNK, recompute: bool = False) -> "FgOutput":
     """``SpaceFg.forward`` with steps 2 (crop), 4 (compose) and 5 (boundary map) on the fast path.
 
     Steps 1, 3 and 6 are copied from fg.SpaceFg.forward, so the RNG draws (same calls, same
     shapes, same order) and every other value are the same; the one change there is that
     z_what_net (step 2) and glimpse_dec (step 3) run through :func:`run_in_chunks`
-    (``glimpse_chunk=None`` runs them whole, exactly as the reference). The z_what noise is
+    (``glimpse_chunk=None`` runs them whole, exactly as the reference), and ``recompute`` is
+    passed to :func:`compose`. The z_what noise is
     still drawn once for all B*N cells between the two. ``importance_map_full_res_norm`` (the
     (B, N, 1, H, W) softmax weights) is not built and is None.
     """
@@ -446,7 +520,7 @@ def fast_fg_forward(fg_module: "SpaceFg", x: torch.Tensor, priors: "Priors", det
     kernel = None
     if priors.boundary_loss:
         kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.reshape(B * N, 1, 1, 1)
-    fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel)
+    fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel, recompute)
     if priors.boundary_loss:
         boundary_map = boundary_sum * BOUNDARY_SCALE
         overlap = boundary_map * alpha_map

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .distributions import bernoulli_kl, normal_kl, normal_log_prob, normal_sample, relaxed_bernoulli_logit_sample
-from .fastpath import compose, crop_glimpses_batched
+from .fastpath import GLIMPSE_CHUNK, compose, crop_glimpses_batched, run_in_chunks
 from .geometry import crop_glimpses, paste_glimpses
 from .layers import conv_celu_gn, scaled, upsample_block
 from .schedules import Priors
@@ -143,9 +143,17 @@ class GlimpseDec(nn.Module):
         self.dec = nn.Sequential(*layers)
         self.dec_o = nn.Conv2d(c_in, 3, 3, 1, 1)
         self.dec_alpha = nn.Conv2d(c_in, 1, 3, 1, 1)
+        self.fast_path = cfg.fast_path
 
     def forward(self, z_what: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.dec(z_what[:, :, None, None])
+        if self.fast_path:
+            # Both heads as one 4-channel convolution, in channels_last: oneDNN is slow on convs
+            # with 1 or 3 output channels (three times slower for the pair, fwd + bwd).
+            weight = torch.cat((self.dec_o.weight, self.dec_alpha.weight))
+            bias = torch.cat((self.dec_o.bias, self.dec_alpha.bias))
+            out = torch.sigmoid(F.conv2d(h.contiguous(memory_format=torch.channels_last), weight, bias, 1, 1))
+            return out[:, :3].contiguous(), out[:, 3:].contiguous()
         return torch.sigmoid(self.dec_o(h)), torch.sigmoid(self.dec_alpha(h))
 
 
@@ -235,11 +243,12 @@ class SpaceFg(nn.Module):
         else:
             x_repeat = torch.repeat_interleave(x, N, dim=0)  # (B*N, 3, H, W): row b*N + n is cell n of image b
             glimpses = crop_glimpses(x_repeat, z_where.reshape(B * N, 4), h)  # (B*N, 3, h, w)
-        z_what_mean, z_what_std = self.z_what_net(glimpses)
+        chunk = GLIMPSE_CHUNK if cfg.fast_path and cfg.low_memory else None  # None: all glimpses at once
+        z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, chunk)
         z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
 
         # 3. Decode glimpses.
-        o_att, alpha_att = self.glimpse_dec(z_what)  # (B*N, 3, h, w), (B*N, 1, h, w)
+        o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, chunk)  # (B*N, 3, h, w), (B*N, 1, h, w)
         alpha_att_hat = alpha_att * z_pres.reshape(B * N, 1, 1, 1)
         y_att = alpha_att_hat * o_att
         importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))
@@ -249,7 +258,7 @@ class SpaceFg(nn.Module):
         if priors.boundary_loss:
             kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.reshape(B * N, 1, 1, 1)
         if cfg.fast_path:
-            fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel)
+            fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel, cfg.low_memory)
             weights = None
         else:
             fg, alpha_map, boundary_sum, weights = compose_reference(importance, y_att, alpha_att_hat, z_where, H, kernel)

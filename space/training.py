@@ -357,7 +357,8 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
     existing runs stay the same.
     """
     keys = ("seed", "batch_size", "clip_norm", "fg_optim", "fg_lr", "bg_optim", "bg_lr")
-    model = {k: v for k, v in to_dict(model_cfg).items() if k != "fast_path"}  # same maths either way
+    model = {k: v for k, v in to_dict(model_cfg).items()
+             if k not in ("fast_path", "low_memory")}  # same maths either way
     train = {k: getattr(train_cfg, k) for k in keys}
     train["batch_size"] = train_cfg.batch_size * world_size
     if train_cfg.latent_mode != "sample":

@@ -192,3 +192,34 @@ def test_fast_path_equals_the_reference_model(G, mode):
     for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
         if p.grad is not None:
             assert (q.grad - p.grad).norm() <= 1e-7 * p.grad.norm() + floor, name
+
+
+@pytest.mark.parametrize("G", [8, 16])
+def test_low_memory_recomputation_gives_the_reference_values_gradients_and_running_statistics(G):
+    """model.low_memory recomputes activations in the backward (glimpse networks in chunks at
+    G = 16, where B*N = 512 exceeds a chunk; composition pieces; mask decoder; component decoder
+    blocks with BatchNorm). Values, gradients and the BatchNorms' running statistics after one
+    training forward and backward must be the reference's: a recomputed BatchNorm that updated
+    its running statistics twice would fail here."""
+    cfg = ModelConfig(image_size=128 if G == 16 else 64, G=G, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=3,
+                      low_memory=True)
+    reference = Space(ModelConfig(**{**cfg.__dict__, "fast_path": False})).double()
+    light = Space(cfg).double()
+    light.load_state_dict(reference.state_dict())
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
+    outs = []
+    for model in (reference, light):
+        torch.manual_seed(5)
+        out = model(x, priors_at(cfg, 50), "sample")
+        out.loss.backward()
+        outs.append(out)
+    for key in ("y", "fg", "alpha_map", "bg", "boundary_loss", "kl_fg", "kl_bg", "log_like", "loss"):
+        a, b = getattr(outs[0], key), getattr(outs[1], key)
+        assert torch.allclose(b, a, rtol=1e-9, atol=1e-9 * a.abs().max().item()), key
+    floor = 1e-12 * max(p.grad.norm() for p in reference.parameters() if p.grad is not None)
+    for (name, p), q in zip(reference.named_parameters(), light.parameters()):
+        if p.grad is not None:
+            assert (q.grad - p.grad).norm() <= 1e-7 * p.grad.norm() + floor, name
+    for (name, a), b in zip(reference.state_dict().items(), light.state_dict().values()):
+        if "running" in name or "num_batches_tracked" in name:
+            assert torch.allclose(b, a, rtol=1e-12, atol=0), name
