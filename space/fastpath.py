@@ -333,7 +333,7 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
     coord_part = F.conv2d(coords, weight[:, D:], conv.bias, conv.stride, conv.padding, conv.dilation)  # (1, c, S', S')
     if channels_last:
         coord_part = coord_part.contiguous(memory_format=torch.channels_last)
-    h = z_part[:, :, None, None] + coord_part  # (M, c, S', S'), in coord_part's memory format
+    h = _BroadcastAdd.apply(z_part, coord_part)  # (M, c, S', S'), in coord_part's memory format
     # Blocks that each start at a BatchNorm (the conv before it ends the previous block).
     blocks: list[list[nn.Module]] = [[]]
     for layer in decoder[1:]:
@@ -346,6 +346,26 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
         else:
             h = _run_block(block, h)
     return torch.sigmoid(h).contiguous()
+
+
+class _BroadcastAdd(torch.autograd.Function):
+    """``z_part[:, :, None, None] + coord_part``: (M, c) + (1, c, S, S) -> (M, c, S, S).
+
+    Autograd's own backward reduces the (M, c, S, S) gradient twice, over (2, 3) and over 0,
+    which in channels_last strides the reductions across memory (about 10x slower on CPU). Here
+    both reduce the (M, S, S, c) view, whose last dimension is contiguous in that format.
+    """
+
+    @staticmethod
+    def forward(ctx, z_part: torch.Tensor, coord_part: torch.Tensor) -> torch.Tensor:
+        return z_part[:, :, None, None] + coord_part
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        g = grad.permute(0, 2, 3, 1)  # (M, S, S, c)
+        grad_z = g.sum((1, 2)) if ctx.needs_input_grad[0] else None
+        grad_coord = g.sum(0).permute(2, 0, 1)[None] if ctx.needs_input_grad[1] else None
+        return grad_z, grad_coord
 
 
 def _run_block(layers: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
