@@ -1,10 +1,11 @@
 """Training-step and inference speed, and peak memory, of the reference path vs the fast path.
 
-Usage: .venv/bin/python benchmarks/bench_speed.py [--configs 3d_room_small atari_spaceinvaders]
+Usage: .venv/bin/python benchmarks/bench_speed.py [--configs 3d_room_small atari_spaceinvaders rooms]
            [--batch 12] [--steps 5] [--warmup 1] [--threads 2] [--tasks train infer]
            [--paths reference fast fast+lowmem] [--scale-bias 0] [--no-memory] [--thp] [--json FILE]
 
-Variants, all built with the same seed and fed the same random 128 x 128 batch (priors of step 5000).
+Variants, all built with the same seed and fed the same random 128 x 128 batch (priors of step 5000);
+``rooms``, the default experiment of params.yaml, runs at its own size, batch and optimisers.
 At initialisation the boxes are about half the image wide (z_scale ~ sigmoid(0)), the worst case
 for windowed compositing; ``--scale-bias -2`` shifts the z_scale means (for all variants alike)
 to boxes of ~12% of the image, the size the annealed prior (mean -1 -> -2) drives a model to.
@@ -69,6 +70,20 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _config(config: str, batch: int):
+    """(ModelConfig, batch, optimiser settings) of an original configuration, or of an experiment
+    of params.yaml (e.g. the default ``rooms``: its own image size, batch and optimisers)."""
+    import space
+    from space.config import ORIGINAL_CONFIGS
+    from space.experiment import load_experiment
+
+    if config in ORIGINAL_CONFIGS:
+        return space.original_config(config)[0], batch, {}
+    exp = load_experiment(ROOT / "params.yaml", config)
+    t = exp.train
+    return exp.model, t.batch_size, dict(fg_optim=t.fg_optim, fg_lr=t.fg_lr, bg_optim=t.bg_optim, bg_lr=t.bg_lr)
+
+
 def _setup(config: str, path: str, batch: int, scale_bias: float):
     """A model (seed 0) with its optimisers, the batch and the priors."""
     import dataclasses
@@ -78,14 +93,15 @@ def _setup(config: str, path: str, batch: int, scale_bias: float):
     import space
 
     fast_path, low_memory = VARIANTS[path]
-    cfg = dataclasses.replace(space.original_config(config)[0], fast_path=fast_path, low_memory=low_memory)
+    cfg, batch, optim = _config(config, batch)
+    cfg = dataclasses.replace(cfg, fast_path=fast_path, low_memory=low_memory)
     torch.manual_seed(0)
     model = space.build_model(cfg)
     with torch.no_grad():  # shift the pre-sigmoid z_scale means (x, y): smaller or larger boxes
         model.fg_module.img_encoder.z_scale_net.bias[:2] += scale_bias
     size = model.cfg.image_size
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return model, space.build_optimizers(model), x, space.priors_at(model.cfg, PRIOR_STEP)
+    return model, space.build_optimizers(model, **optim), x, space.priors_at(model.cfg, PRIOR_STEP)
 
 
 def _step(task: str, model, optimizers, x, priors, seed: int) -> float:
@@ -141,7 +157,9 @@ def run_child(args: argparse.Namespace, *worker_args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["3d_room_small", "atari_spaceinvaders"])
+    parser.add_argument("--configs", nargs="+", default=["3d_room_small", "atari_spaceinvaders", "rooms"],
+                        help="original configurations (at --batch, 128 x 128), or experiments of params.yaml "
+                             "(their own image size, batch and optimisers; 'rooms' is the default)")
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per path (median)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -169,7 +187,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    print(f"batch {args.batch}, 128 x 128, torch threads {args.threads}, median of {args.steps} steps after "
+    print(f"batch {args.batch}, 128 x 128 (params.yaml experiments: their own), torch threads {args.threads}, median of {args.steps} steps after "
           f"{args.warmup} warm-up, z_scale bias {args.scale_bias:+g}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, "
           f"THP_MEM_ALLOC_ENABLE={'1' if args.thp else 'unset'}", flush=True)

@@ -133,6 +133,12 @@ class TrainConfig:
     bg_optim: str = "Adam"
     bg_lr: float = 1e-3
     max_ckpt: int = 5
+    # Beyond the original: the background's learning rate rises linearly from
+    # bg_lr * bg_lr_warmup_factor at step 0 to bg_lr at step bg_lr_warmup_steps (0: no warm-up).
+    # A background that learns fast in the first steps can absorb the objects before the
+    # foreground has learnt any (README "Background failures").
+    bg_lr_warmup_steps: int = 0
+    bg_lr_warmup_factor: float = 0.3
     print_every: int = 500
     save_every: int = 1000
     eval_every: int = 1000
@@ -165,6 +171,10 @@ class TrainConfig:
         for key in ("fg_lr", "bg_lr"):
             if not getattr(self, key) > 0:
                 _bad(f"train.{key}", getattr(self, key), "a learning rate > 0")
+        if self.bg_lr_warmup_steps < 0:
+            _bad("train.bg_lr_warmup_steps", self.bg_lr_warmup_steps, "an integer >= 0 (0: no warm-up)")
+        if not 0 < self.bg_lr_warmup_factor <= 1:
+            _bad("train.bg_lr_warmup_factor", self.bg_lr_warmup_factor, "a number in (0, 1]")
         if self.clip_norm < 0:
             _bad("train.clip_norm", self.clip_norm, "a number >= 0 (0 disables clipping)")
         for key in ("batch_size", "max_ckpt", "print_every", "save_every", "eval_every", "max_epochs"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 
 # The original evaluates with this fake step so that every schedule is at its end value (SPEC 9.2).
 EVAL_STEP = 100_000_000
@@ -25,6 +25,13 @@ def linear_anneal(step: int, start_step: int, end_step: int, start_value: float,
         slope = (end_value - start_value) / (end_step - start_step)
         return float(start_value + slope * (step - start_step))
     return float(end_value)
+
+
+def bg_lr_at(cfg: TrainConfig, step: int) -> float:
+    """The background optimiser's learning rate at a step: the warm-up line, then ``bg_lr``."""
+    if cfg.bg_lr_warmup_steps <= 0:
+        return cfg.bg_lr
+    return linear_anneal(step, 0, cfg.bg_lr_warmup_steps, cfg.bg_lr * cfg.bg_lr_warmup_factor, cfg.bg_lr)
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,5 @@
+import pytest
+
 from space.config import ModelConfig
 from space.schedules import EVAL_STEP, final_priors, linear_anneal, priors_at
 
@@ -25,3 +27,18 @@ def test_priors_follow_the_originals_switches():
     assert final.z_pres_prob == cfg.z_pres_end_value and final.z_scale_mean == cfg.z_scale_mean_end_value
     # z_pres schedule of 3d_room_*: 0.1 -> 0.01 over steps 4000..10000
     assert abs(priors_at(ModelConfig(), 7000).z_pres_prob - 0.055) < 1e-12
+
+
+def test_bg_lr_warm_up_rises_linearly_to_bg_lr():
+    from space.config import TrainConfig
+    from space.schedules import bg_lr_at
+
+    cfg = TrainConfig(bg_lr=1e-3, bg_lr_warmup_steps=500, bg_lr_warmup_factor=0.3)
+    assert bg_lr_at(cfg, 0) == pytest.approx(3e-4)
+    assert bg_lr_at(cfg, 250) == pytest.approx(6.5e-4)
+    assert bg_lr_at(cfg, 500) == bg_lr_at(cfg, 10_000) == 1e-3
+    assert bg_lr_at(TrainConfig(bg_lr=1e-3), 0) == 1e-3  # no warm-up by default
+    with pytest.raises(ValueError, match="bg_lr_warmup_factor"):
+        TrainConfig(bg_lr_warmup_factor=0.0)
+    with pytest.raises(ValueError, match="bg_lr_warmup_steps"):
+        TrainConfig(bg_lr_warmup_steps=-1)

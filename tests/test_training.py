@@ -139,3 +139,19 @@ def test_the_initial_weights_are_never_the_best_checkpoint(tmp_path):
     trainer._maybe_save_best({"ap_50": 0.0}, 2, position)
     assert trainer.best == {"name": "ap_50", "value": 0.0, "global_step": 2}
     assert read_checkpoint(trainer.best_path)["global_step"] == 2
+
+
+def test_bg_lr_warm_up_sets_the_background_learning_rate_of_every_step(tmp_path, monkeypatch):
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 4, "bg_lr_warmup_steps": 4, "bg_lr_warmup_factor": 0.2})
+    trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+    seen = []
+    bg_step = trainer.optimizers[1].step
+
+    def step(*args, **kwargs):
+        seen.append(trainer.optimizers[1].param_groups[0]["lr"])
+        return bg_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizers[1], "step", step)
+    trainer.fit()
+    assert seen == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 1e-3  # the foreground's is untouched
