@@ -22,6 +22,12 @@ This module computes the same functions without those redundancies:
   chunk's activations are kept. :func:`run_checkpointed` does the same for one call (meant for
   the background's mask decoder).
 
+``model.low_memory`` (off by default) turns the recomputation on everywhere it is exact: glimpse
+networks in chunks, each :func:`compose` piece (``recompute``), the mask decoder
+(:func:`run_checkpointed`) and each BatchNorm block of :func:`spatial_broadcast_decode`
+(``recompute``; running statistics updated once, see :func:`_recompute_safe`). The glimpse
+decoder's two output heads run as one convolution on the fast path (``fg.GlimpseDec``).
+
 Everything is pure autograd-friendly PyTorch; results equal the reference up to float rounding
 (tests/test_fastpath.py: float32 to 1e-5, float64 to 1e-9, outputs and gradients).
 :func:`fast_fg_forward` and :func:`fast_comp_decoder_forward` are drop-in forwards for
