@@ -168,20 +168,17 @@ def _overfit(cfg):
     assert final.mse.mean().item() < 0.3 * first_mse
 
 
-@pytest.mark.parametrize("G, mode", [(4, "sample"), (8, "deterministic"), (16, "deterministic"), (8, "sample")])
-def test_fast_path_equals_the_reference_model(G, mode):
-    """Whole model, fast vs SPEC-literal path, in float64 so that the comparison sees the maths
-    and not float32 rounding (sums with heavy cancellation, e.g. biases feeding a GroupNorm or a
-    BatchNorm, move by up to 1e-4 relative in float32 on either path)."""
-    cfg = ModelConfig(image_size=128 if G == 16 else 64, G=G, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=3)
+def assert_path_equals_reference(cfg: ModelConfig, mode: str, seed: int) -> tuple[Space, Space]:
+    """One forward and backward of the SPEC-literal model and of ``cfg``'s (the same weights), in
+    float64: outputs to 1e-9, gradients to 1e-7. Returns (reference, model) for further checks."""
     reference = Space(ModelConfig(**{**cfg.__dict__, "fast_path": False})).double()
-    fast = Space(cfg).double()
-    fast.load_state_dict(reference.state_dict())
+    model = Space(cfg).double()
+    model.load_state_dict(reference.state_dict())
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
     outs = []
-    for model in (reference, fast):
-        torch.manual_seed(3)  # the same draws in sample mode
-        out = model(x, priors_at(cfg, 50), mode)
+    for m in (reference, model):
+        torch.manual_seed(seed)  # the same draws in sample mode
+        out = m(x, priors_at(cfg, 50), mode)
         out.loss.backward()
         outs.append(out)
     for key in ("y", "fg", "alpha_map", "bg", "boundary_loss", "kl_fg", "kl_bg", "log_like", "loss"):
@@ -189,9 +186,19 @@ def test_fast_path_equals_the_reference_model(G, mode):
         assert torch.allclose(b, a, rtol=1e-9, atol=1e-9 * a.abs().max().item()), key
     # absolute floor for gradients that are 0 in exact arithmetic (biases right before a BatchNorm)
     floor = 1e-12 * max(p.grad.norm() for p in reference.parameters() if p.grad is not None)
-    for (name, p), q in zip(reference.named_parameters(), fast.parameters()):
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
         if p.grad is not None:
             assert (q.grad - p.grad).norm() <= 1e-7 * p.grad.norm() + floor, name
+    return reference, model
+
+
+@pytest.mark.parametrize("G, mode", [(4, "sample"), (8, "deterministic"), (16, "deterministic"), (8, "sample")])
+def test_fast_path_equals_the_reference_model(G, mode):
+    """Whole model, fast vs SPEC-literal path, in float64 so that the comparison sees the maths
+    and not float32 rounding (sums with heavy cancellation, e.g. biases feeding a GroupNorm or a
+    BatchNorm, move by up to 1e-4 relative in float32 on either path)."""
+    cfg = ModelConfig(image_size=128 if G == 16 else 64, G=G, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=3)
+    assert_path_equals_reference(cfg, mode, seed=3)
 
 
 @pytest.mark.parametrize("G", [8, 16])
@@ -203,23 +210,7 @@ def test_low_memory_recomputation_gives_the_reference_values_gradients_and_runni
     its running statistics twice would fail here."""
     cfg = ModelConfig(image_size=128 if G == 16 else 64, G=G, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=3,
                       low_memory=True)
-    reference = Space(ModelConfig(**{**cfg.__dict__, "fast_path": False})).double()
-    light = Space(cfg).double()
-    light.load_state_dict(reference.state_dict())
-    x = torch.rand(2, 3, cfg.image_size, cfg.image_size, dtype=torch.float64)
-    outs = []
-    for model in (reference, light):
-        torch.manual_seed(5)
-        out = model(x, priors_at(cfg, 50), "sample")
-        out.loss.backward()
-        outs.append(out)
-    for key in ("y", "fg", "alpha_map", "bg", "boundary_loss", "kl_fg", "kl_bg", "log_like", "loss"):
-        a, b = getattr(outs[0], key), getattr(outs[1], key)
-        assert torch.allclose(b, a, rtol=1e-9, atol=1e-9 * a.abs().max().item()), key
-    floor = 1e-12 * max(p.grad.norm() for p in reference.parameters() if p.grad is not None)
-    for (name, p), q in zip(reference.named_parameters(), light.parameters()):
-        if p.grad is not None:
-            assert (q.grad - p.grad).norm() <= 1e-7 * p.grad.norm() + floor, name
+    reference, light = assert_path_equals_reference(cfg, "sample", seed=5)
     for (name, a), b in zip(reference.state_dict().items(), light.state_dict().values()):
         if "running" in name or "num_batches_tracked" in name:
             assert torch.allclose(b, a, rtol=1e-12, atol=0), name
