@@ -299,6 +299,10 @@ def _compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_
 # 3. Spatial-broadcast decoding
 # --------------------------------------------------------------------------------------------
 
+DECODER_BLOCKS_PER_SEGMENT = 2  # SPACE's decoder has 4 blocks: 2 segments; 1 (per block) peaked
+# ~100 MiB higher at G=8 and G=16 in benchmarks/bench_speed.py's memory worker, 4 (one segment) higher still
+
+
 def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
                              channels_last: bool = True, recompute: bool = False) -> torch.Tensor:
     """``sigmoid(decoder(SpatialBroadcast()(z, size)))`` without the broadcast tensor.
@@ -323,9 +327,10 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
         z: (M, D) latents.
         size: S, the broadcast side (H + 8 in SPACE).
         channels_last: run decoder[1:] in channels_last format.
-        recompute: with gradients enabled, checkpoint decoder[1:] block by block (each block a
-            BatchNorm, its ELU and the next conv; see :func:`_recompute_safe`): the backward keeps
-            one activation per block instead of two and recomputes the rest.
+        recompute: with gradients enabled, checkpoint decoder[1:] in segments of
+            DECODER_BLOCKS_PER_SEGMENT blocks (each block a BatchNorm, its ELU and the next conv;
+            see :func:`_recompute_safe`): the forward keeps one activation per segment instead of
+            two per block, and the backward recomputes one segment at a time.
     Returns:
         (M, out, S - 8, S - 8) for SPACE's decoder, contiguous: sigmoid of the decoder output.
     """
@@ -346,10 +351,12 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
         if isinstance(layer, nn.modules.batchnorm._BatchNorm) and blocks[-1]:
             blocks.append([])
         blocks[-1].append(layer)
-    for block in blocks:
-        if recompute and torch.is_grad_enabled():
-            h = checkpoint(_recompute_safe(_run_block, block), block, h, use_reentrant=False, preserve_rng_state=False)
-        else:
+    if recompute and torch.is_grad_enabled():
+        for i in range(0, len(blocks), DECODER_BLOCKS_PER_SEGMENT):
+            segment = [layer for block in blocks[i:i + DECODER_BLOCKS_PER_SEGMENT] for layer in block]
+            h = checkpoint(_recompute_safe(_run_block, segment), segment, h, use_reentrant=False, preserve_rng_state=False)
+    else:
+        for block in blocks:
             h = _run_block(block, h)
     return torch.sigmoid(h).contiguous()
 
