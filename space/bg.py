@@ -187,7 +187,8 @@ class SpaceBg(nn.Module):
         B, K, H = x.size(0), cfg.K, cfg.image_size
 
         # 1. Mask posterior: an LSTM over components (SPEC 5.2).
-        x_enc = self.image_enc(x)  # (B, E)
+        low_memory = cfg.fast_path and cfg.low_memory  # recompute in the backward (fastpath.run_checkpointed)
+        x_enc = run_checkpointed(self.image_enc, x) if low_memory else self.image_enc(x)  # (B, E)
         h, c = self.rnn_mask_h.expand(B, -1), self.rnn_mask_c.expand(B, -1)
         z_mask = self.z_mask_0.expand(B, -1)
         z_masks, mask_posts, pis = [], [], []
@@ -197,7 +198,7 @@ class SpaceBg(nn.Module):
             z_mask = normal_sample(loc, scale, deterministic)  # (B, D)
             z_masks.append(z_mask)
             mask_posts.append((loc, scale))
-            if cfg.fast_path and cfg.low_memory:  # recomputed in the backward (GroupNorm only: exact)
+            if low_memory:
                 pis.append(run_checkpointed(self.mask_decoder, z_mask))  # (B, 1, H, W)
             else:
                 pis.append(self.mask_decoder(z_mask))  # (B, 1, H, W)
@@ -207,7 +208,8 @@ class SpaceBg(nn.Module):
         log_masks = (masks + MASK_LOG_EPS).log()
         comp_input = torch.cat((log_masks.view(B * K, 1, H, H),
                                 x[:, None].expand(B, K, 3, H, H).reshape(B * K, 3, H, H)), 1)
-        comp_loc, comp_scale = self.comp_encoder(comp_input)  # (B*K, D) each
+        comp_loc, comp_scale = (run_checkpointed(self.comp_encoder, comp_input) if low_memory
+                                else self.comp_encoder(comp_input))  # (B*K, D) each
         z_comp = normal_sample(comp_loc, comp_scale, deterministic)
         comps = self.comp_decoder(z_comp).view(B, K, 3, H, H)
 
