@@ -35,8 +35,8 @@ class ModelConfig:
     # False runs the SPEC-literal reference code. Not an architecture change: weights are shared.
     fast_path: bool = True
     # With the fast path, trade time for memory: keep fewer activations for the backward and
-    # recompute them there (glimpse networks in chunks, composition windows, mask decoder, component
-    # decoder blocks). Same values and gradients; roughly a third of the step's time more.
+    # recompute them there (glimpse networks in chunks, composition windows, the background's mask
+    # decoder, encoders and component decoder blocks). Same values and gradients.
     low_memory: bool = False
     # Foreground (SPEC 1.2).
     G: int = 8

@@ -20,12 +20,13 @@ This module computes the same functions without those redundancies:
 * :func:`run_in_chunks`: the per-glimpse networks (z_what encoder, glimpse decoder) treat every
   glimpse independently, so they can run on chunks of glimpses, checkpointed: at most one
   chunk's activations are kept. :func:`run_checkpointed` does the same for one call (meant for
-  the background's mask decoder).
+  the background's mask decoder, image encoder and component encoder).
 
 ``model.low_memory`` (off by default) turns the recomputation on everywhere it is exact: glimpse
-networks in chunks, each :func:`compose` piece (``recompute``), the mask decoder
-(:func:`run_checkpointed`) and each BatchNorm block of :func:`spatial_broadcast_decode`
-(``recompute``; running statistics updated once, see :func:`_recompute_safe`). The glimpse
+networks in chunks, each :func:`compose` piece (``recompute``), the background's mask decoder,
+image encoder and component encoder (:func:`run_checkpointed`) and the BatchNorm blocks of
+:func:`spatial_broadcast_decode`, two per segment (``recompute``); BatchNorm running statistics
+are updated once (see :func:`_recompute_safe`). The glimpse
 decoder's two output heads run as one convolution on the fast path (``fg.GlimpseDec``).
 
 Everything is pure autograd-friendly PyTorch; results equal the reference up to float rounding
