@@ -204,7 +204,7 @@ def test_train_stage_relaunches_itself_through_torchrun(tmp_path):
     params["experiments"] = ["tiny"]
     params["exp"]["tiny"] = {
         "data": {**base["data"], "root": "data/tiny", "num_train": 5, "num_val": 2, "num_test": 2},
-        "model": {**base["model"], "image_size": 32, "fg_width": 0.25},
+        "model": {**base["model"], "image_size": 32, "G": 4, "fg_width": 0.25},
         "train": {**base["train"], "max_steps": 2, "batch_size": 2, "save_every": 1, "eval_every": 2,
                   "val_num_images": 2, "plot_every": 1, "device": "cpu", "nproc_per_node": 2},
     }
