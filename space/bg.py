@@ -188,7 +188,7 @@ class SpaceBg(nn.Module):
 
         # 1. Mask posterior: an LSTM over components (SPEC 5.2).
         low_memory = cfg.fast_path and cfg.low_memory  # recompute in the backward (fastpath.run_checkpointed)
-        x_enc = run_checkpointed(self.image_enc, x) if low_memory else self.image_enc(x)  # (B, E)
+        x_enc = run_checkpointed(self.image_enc, x, low_memory)  # (B, E)
         h, c = self.rnn_mask_h.expand(B, -1), self.rnn_mask_c.expand(B, -1)
         z_mask = self.z_mask_0.expand(B, -1)
         z_masks, mask_posts, pis = [], [], []
@@ -198,18 +198,14 @@ class SpaceBg(nn.Module):
             z_mask = normal_sample(loc, scale, deterministic)  # (B, D)
             z_masks.append(z_mask)
             mask_posts.append((loc, scale))
-            if low_memory:
-                pis.append(run_checkpointed(self.mask_decoder, z_mask))  # (B, 1, H, W)
-            else:
-                pis.append(self.mask_decoder(z_mask))  # (B, 1, H, W)
+            pis.append(run_checkpointed(self.mask_decoder, z_mask, low_memory))  # (B, 1, H, W)
         masks = torch.stack(stick_breaking(pis), 1)  # (B, K, 1, H, W)
 
         # 2. Components: encode [log mask, image] per (b, k), flattened as b*K + k (SPEC 5.4).
         log_masks = (masks + MASK_LOG_EPS).log()
         comp_input = torch.cat((log_masks.view(B * K, 1, H, H),
                                 x[:, None].expand(B, K, 3, H, H).reshape(B * K, 3, H, H)), 1)
-        comp_loc, comp_scale = (run_checkpointed(self.comp_encoder, comp_input) if low_memory
-                                else self.comp_encoder(comp_input))  # (B*K, D) each
+        comp_loc, comp_scale = run_checkpointed(self.comp_encoder, comp_input, low_memory)  # (B*K, D) each
         z_comp = normal_sample(comp_loc, comp_scale, deterministic)
         comps = self.comp_decoder(z_comp).view(B, K, 3, H, H)
 

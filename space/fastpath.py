@@ -301,7 +301,7 @@ def _compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_
 # --------------------------------------------------------------------------------------------
 
 DECODER_BLOCKS_PER_SEGMENT = 2  # SPACE's decoder has 4 blocks: 2 segments; 1 (per block) peaked
-# ~100 MiB higher at G=8 and G=16 in benchmarks/bench_speed.py's memory worker, 4 (one segment) higher still
+# 76 / 115 MiB higher at G=8 / G=16 in benchmarks/bench_speed.py's memory worker, 4 (one segment) higher still
 
 
 def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
@@ -479,16 +479,17 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
-def run_checkpointed(module: nn.Module, inputs: torch.Tensor):
+def run_checkpointed(module: nn.Module, inputs: torch.Tensor, enabled: bool = True):
     """``module(inputs)``, keeping only ``inputs`` for the backward, which recomputes the forward.
 
     For the background's networks at full resolution (mask decoder, called once per component k;
     component and image encoders): the mask decoder's K decodes keep ~150 MiB of activations each
     at batch 12, the component encoder ~140 MiB at G=8, K=5; checkpointed, the values and
     gradients are the same (no randomness) for one more forward per step. BatchNorms update their
-    running statistics once (see :func:`_recompute_safe`). Calls without gradients run plainly.
+    running statistics once (see :func:`_recompute_safe`). Calls without gradients, or with
+    ``enabled`` false (``model.low_memory`` off), run plainly.
     """
-    if not torch.is_grad_enabled():
+    if not enabled or not torch.is_grad_enabled():
         return module(inputs)
     return checkpoint(_recompute_safe(module, [module]), inputs, use_reentrant=False, preserve_rng_state=False)
 
