@@ -139,6 +139,11 @@ class TrainConfig:
     # foreground has learnt any (README "Background failures").
     bg_lr_warmup_steps: int = 0
     bg_lr_warmup_factor: float = 0.3
+    # Beyond the original: both learning rates fall linearly from their value at step
+    # lr_decay_start to lr_decay_factor times it at max_steps (0: no decay), so that the last steps
+    # refine boxes and masks instead of moving them about.
+    lr_decay_start: int = 0
+    lr_decay_factor: float = 0.1
     print_every: int = 500
     save_every: int = 1000
     eval_every: int = 1000
@@ -175,6 +180,10 @@ class TrainConfig:
             _bad("train.bg_lr_warmup_steps", self.bg_lr_warmup_steps, "an integer >= 0 (0: no warm-up)")
         if not 0 < self.bg_lr_warmup_factor <= 1:
             _bad("train.bg_lr_warmup_factor", self.bg_lr_warmup_factor, "a number in (0, 1]")
+        if self.lr_decay_start < 0:
+            _bad("train.lr_decay_start", self.lr_decay_start, "an integer >= 0 (0: no decay)")
+        if not 0 < self.lr_decay_factor <= 1:
+            _bad("train.lr_decay_factor", self.lr_decay_factor, "a number in (0, 1]")
         if self.clip_norm < 0:
             _bad("train.clip_norm", self.clip_norm, "a number >= 0 (0 disables clipping)")
         for key in ("batch_size", "max_ckpt", "print_every", "save_every", "eval_every", "max_epochs"):

@@ -27,11 +27,26 @@ def linear_anneal(step: int, start_step: int, end_step: int, start_value: float,
     return float(end_value)
 
 
+def lr_decay_at(cfg: TrainConfig, step: int) -> float:
+    """The factor on both learning rates at a step: 1 until ``lr_decay_start``, then a line down
+    to ``lr_decay_factor`` at ``max_steps`` (1 throughout when ``lr_decay_start`` is 0)."""
+    if cfg.lr_decay_start <= 0 or cfg.lr_decay_start >= cfg.max_steps:
+        return 1.0
+    return linear_anneal(step, cfg.lr_decay_start, cfg.max_steps, 1.0, cfg.lr_decay_factor)
+
+
+def fg_lr_at(cfg: TrainConfig, step: int) -> float:
+    """The foreground optimiser's learning rate at a step: ``fg_lr``, times the final decay."""
+    return cfg.fg_lr * lr_decay_at(cfg, step)
+
+
 def bg_lr_at(cfg: TrainConfig, step: int) -> float:
-    """The background optimiser's learning rate at a step: the warm-up line, then ``bg_lr``."""
+    """The background optimiser's learning rate at a step: the warm-up line, then ``bg_lr``;
+    times the final decay."""
     if cfg.bg_lr_warmup_steps <= 0:
-        return cfg.bg_lr
-    return linear_anneal(step, 0, cfg.bg_lr_warmup_steps, cfg.bg_lr * cfg.bg_lr_warmup_factor, cfg.bg_lr)
+        return cfg.bg_lr * lr_decay_at(cfg, step)
+    warm = linear_anneal(step, 0, cfg.bg_lr_warmup_steps, cfg.bg_lr * cfg.bg_lr_warmup_factor, cfg.bg_lr)
+    return warm * lr_decay_at(cfg, step)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ from .config import BEST_METRICS, ModelConfig, TrainConfig, to_dict
 from .evaluation import RESEED_REMEDY, evaluate, resolve_device
 from .io import write_json, write_text
 from .model import Space, SpaceOutput, build_optimizers
-from .schedules import Priors, bg_lr_at, priors_at
+from .schedules import Priors, bg_lr_at, fg_lr_at, priors_at
 
 log = logging.getLogger("space.training")
 
@@ -365,6 +365,8 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
         train["latent_mode"] = train_cfg.latent_mode
     if train_cfg.bg_lr_warmup_steps:
         train["bg_lr_warmup"] = [train_cfg.bg_lr_warmup_steps, train_cfg.bg_lr_warmup_factor]
+    if train_cfg.lr_decay_start:
+        train["lr_decay"] = [train_cfg.lr_decay_start, train_cfg.lr_decay_factor, train_cfg.max_steps]
     if train_cfg.amp != "none":
         train["amp"] = train_cfg.amp
     if world_size > 1 and not train_cfg.sync_batchnorm:
@@ -590,6 +592,8 @@ class Trainer:
                                     pin_memory=self.device.type == "cuda")
                 for x, (_, count) in zip(loader, batches):
                     step = pos.step
+                    for group in self.optimizers[0].param_groups:
+                        group["lr"] = fg_lr_at(cfg, step)
                     for group in self.optimizers[1].param_groups:
                         group["lr"] = bg_lr_at(cfg, step)
                     out, ok = train_step(self.forward_model, self.optimizers, x.to(self.device, non_blocking=True),

@@ -42,3 +42,26 @@ def test_bg_lr_warm_up_rises_linearly_to_bg_lr():
         TrainConfig(bg_lr_warmup_factor=0.0)
     with pytest.raises(ValueError, match="bg_lr_warmup_steps"):
         TrainConfig(bg_lr_warmup_steps=-1)
+
+
+def test_lr_decay_falls_linearly_to_its_factor_at_max_steps_on_both_optimisers():
+    from space.config import TrainConfig
+    from space.schedules import bg_lr_at, fg_lr_at
+    cfg = TrainConfig(fg_lr=1e-3, bg_lr=2e-3, max_steps=2000, lr_decay_start=1000, lr_decay_factor=0.1)
+    assert fg_lr_at(cfg, 0) == fg_lr_at(cfg, 1000) == 1e-3
+    assert fg_lr_at(cfg, 1500) == pytest.approx(0.55e-3)
+    assert fg_lr_at(cfg, 2000) == fg_lr_at(cfg, 5000) == pytest.approx(1e-4)
+    assert bg_lr_at(cfg, 1500) == pytest.approx(1.1e-3)
+    assert bg_lr_at(cfg, 2000) == pytest.approx(2e-4)
+    both = TrainConfig(bg_lr=1e-3, bg_lr_warmup_steps=500, max_steps=2000, lr_decay_start=1000, lr_decay_factor=0.5)
+    assert bg_lr_at(both, 250) == pytest.approx(6.5e-4)  # warm-up untouched before the decay
+    assert bg_lr_at(both, 2000) == pytest.approx(5e-4)
+    plain = TrainConfig(fg_lr=1e-5, bg_lr=1e-3, max_steps=2000)  # the original's: constant
+    assert fg_lr_at(plain, 1999) == 1e-5 and bg_lr_at(plain, 1999) == 1e-3
+
+
+@pytest.mark.parametrize("key, value", [("lr_decay_start", -1), ("lr_decay_factor", 0.0), ("lr_decay_factor", 1.5)])
+def test_lr_decay_rejects_bad_values_by_name(key, value):
+    from space.config import TrainConfig
+    with pytest.raises(ValueError, match=f"train.{key}"):
+        TrainConfig(**{key: value})

@@ -155,3 +155,20 @@ def test_bg_lr_warm_up_sets_the_background_learning_rate_of_every_step(tmp_path,
     trainer.fit()
     assert seen == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
     assert trainer.optimizers[0].param_groups[0]["lr"] == 1e-3  # the foreground's is untouched
+
+
+def test_lr_decay_sets_both_learning_rates_of_every_step(tmp_path, monkeypatch):
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 4, "fg_lr": 1e-3, "bg_lr": 2e-3, "lr_decay_start": 2,
+                         "lr_decay_factor": 0.5})
+    trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+    seen = []
+    fg_step = trainer.optimizers[0].step
+
+    def step(*args, **kwargs):
+        seen.append([opt.param_groups[0]["lr"] for opt in trainer.optimizers])
+        return fg_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizers[0], "step", step)
+    trainer.fit()
+    factors = [1.0, 1.0, 1.0, 0.75, 0.5]  # steps 0..4: flat to lr_decay_start, then down to 0.5 at max_steps
+    assert seen == [pytest.approx([1e-3 * f, 2e-3 * f]) for f in factors]
