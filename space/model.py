@@ -106,7 +106,10 @@ class Space(nn.Module):
         # 4. Reconstruction: fg is premultiplied, so alpha enters twice (SPEC 13.1).
         y = alpha * fg.fg + (1 - alpha) * bg.bg
         elbo = log_like - bg.kl_bg - fg.kl_fg
-        loss = (-elbo + fg.boundary_loss).mean()
+        objective = -elbo
+        if priors.kl_what_weight != 1.0:  # z_what's KL warm-up (model.z_what_kl_warmup_steps)
+            objective = objective - (1.0 - priors.kl_what_weight) * fg.kl_z_what
+        loss = (objective + fg.boundary_loss).mean()
         mse = ((y - x) ** 2).flatten(1).sum(1)
         return SpaceOutput(
             loss=loss, elbo=elbo, log_like=log_like, mse=mse, imgs=x, y=y, fg=fg.fg, alpha_map=fg.alpha_map,

@@ -59,6 +59,7 @@ class Priors:
     z_scale_mean: float  # prior mean of the pre-sigmoid z_scale
     fix_alpha: float | None  # constant alpha for the likelihood, or None (SPEC 6 step 2)
     boundary_loss: bool  # whether the boundary loss counts (SPEC 4.6)
+    kl_what_weight: float = 1.0  # weight of z_what's KL in the loss (1: the original's)
 
 
 def priors_at(cfg: ModelConfig, step: int) -> Priors:
@@ -74,6 +75,8 @@ def priors_at(cfg: ModelConfig, step: int) -> Priors:
         fix_alpha=cfg.fix_alpha_value if (step and step < cfg.fix_alpha_steps) else None,
         # Switched off strictly after bl_off_step.
         boundary_loss=cfg.boundary_loss and not step > cfg.bl_off_step,
+        kl_what_weight=linear_anneal(step, 0, cfg.z_what_kl_warmup_steps, cfg.z_what_kl_warmup_start, 1.0)
+        if cfg.z_what_kl_warmup_steps else 1.0,
     )
 
 

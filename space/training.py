@@ -347,6 +347,10 @@ def train_step(model: Space, optimizers: tuple[torch.optim.Optimizer, torch.opti
     return out, True
 
 
+#: Model keys added after run ids were first written: they enter the id only at other values.
+_MODEL_KEYS_BEYOND_ORIGINAL = {"z_what_kl_warmup_steps": 0, "z_what_kl_warmup_start": 0.0}
+
+
 def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None,
            world_size: int = 1) -> str:
     """A short hash of what defines a run's trajectory (not its length or logging intervals), so
@@ -358,7 +362,8 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
     """
     keys = ("seed", "batch_size", "clip_norm", "fg_optim", "fg_lr", "bg_optim", "bg_lr")
     model = {k: v for k, v in to_dict(model_cfg).items()
-             if k not in ("fast_path", "low_memory")}  # same maths either way
+             if k not in ("fast_path", "low_memory")  # same maths either way
+             and not (k in _MODEL_KEYS_BEYOND_ORIGINAL and v == _MODEL_KEYS_BEYOND_ORIGINAL[k])}
     train = {k: getattr(train_cfg, k) for k in keys}
     train["batch_size"] = train_cfg.batch_size * world_size
     if train_cfg.latent_mode != "sample":

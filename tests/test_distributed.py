@@ -224,3 +224,13 @@ def test_train_stage_relaunches_itself_through_torchrun(tmp_path):
     runs = list((tmp_path / "checkpoints" / "tiny").iterdir())
     assert len(runs) == 1 and (runs[0] / f"best_{base['train']['best_metric']}.pth").is_file()
     assert [p.name for p in find_checkpoints(runs[0])] == ["model_000000002.pth", "model_000000003.pth"]
+
+
+def test_run_id_takes_later_model_keys_only_at_other_values():
+    base = ModelConfig()
+    # ids written before z_what_kl_warmup_* existed (computed with that version) stay the same
+    assert run_id(base, TrainConfig()) == "d7cb935186"
+    assert run_id(ModelConfig(G=4, image_size=64), TrainConfig(seed=3)) == "6664fb08ae"
+    warm = run_id(ModelConfig(z_what_kl_warmup_steps=500), TrainConfig())
+    assert warm != run_id(base, TrainConfig())
+    assert run_id(ModelConfig(z_what_kl_warmup_steps=500, z_what_kl_warmup_start=0.5), TrainConfig()) != warm

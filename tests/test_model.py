@@ -214,3 +214,27 @@ def test_low_memory_recomputation_gives_the_reference_values_gradients_and_runni
     for (name, a), b in zip(reference.state_dict().items(), light.state_dict().values()):
         if "running" in name or "num_batches_tracked" in name:
             assert torch.allclose(b, a, rtol=1e-12, atol=0), name
+
+
+def test_z_what_kl_warm_up_weights_the_kl_in_the_loss_only():
+    cfg = ModelConfig(**SMALL, z_what_kl_warmup_steps=100, z_what_kl_warmup_start=0.2)
+    assert [priors_at(cfg, t).kl_what_weight for t in (0, 50, 100, 5000)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    assert final_priors(cfg).kl_what_weight == 1.0
+    assert priors_at(ModelConfig(**SMALL), 0).kl_what_weight == 1.0  # off by default: the original's loss
+    model = Space(cfg)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        warm = model(x, priors_at(cfg, 50), "deterministic")
+        torch.manual_seed(0)
+        plain = model(x, priors_at(ModelConfig(**SMALL), 50), "deterministic")
+    assert torch.equal(warm.elbo, plain.elbo)  # the reported ELBO is the true one
+    assert warm.kl_z_what.min() > 0
+    expected = (-warm.elbo - 0.4 * warm.kl_z_what + warm.boundary_loss).mean()
+    assert torch.allclose(warm.loss, expected, rtol=1e-6)
+    assert torch.allclose(plain.loss, (-plain.elbo + plain.boundary_loss).mean(), rtol=1e-6)
+    assert not torch.allclose(warm.loss, plain.loss)
+    with pytest.raises(ValueError, match="model.z_what_kl_warmup_start"):
+        ModelConfig(**SMALL, z_what_kl_warmup_start=1.5)
+    with pytest.raises(ValueError, match="model.z_what_kl_warmup_steps"):
+        ModelConfig(**SMALL, z_what_kl_warmup_steps=-1)
