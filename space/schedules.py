@@ -43,10 +43,9 @@ def fg_lr_at(cfg: TrainConfig, step: int) -> float:
 def bg_lr_at(cfg: TrainConfig, step: int) -> float:
     """The background optimiser's learning rate at a step: the warm-up line, then ``bg_lr``;
     times the final decay."""
-    if cfg.bg_lr_warmup_steps <= 0:
-        return cfg.bg_lr * lr_decay_at(cfg, step)
-    warm = linear_anneal(step, 0, cfg.bg_lr_warmup_steps, cfg.bg_lr * cfg.bg_lr_warmup_factor, cfg.bg_lr)
-    return warm * lr_decay_at(cfg, step)
+    base = cfg.bg_lr if cfg.bg_lr_warmup_steps <= 0 else \
+        linear_anneal(step, 0, cfg.bg_lr_warmup_steps, cfg.bg_lr * cfg.bg_lr_warmup_factor, cfg.bg_lr)
+    return base * lr_decay_at(cfg, step)
 
 
 @dataclass(frozen=True)

@@ -354,7 +354,9 @@ _MODEL_KEYS_BEYOND_ORIGINAL = {"z_what_kl_warmup_steps": 0, "z_what_kl_warmup_st
 def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None,
            world_size: int = 1) -> str:
     """A short hash of what defines a run's trajectory (not its length or logging intervals), so
-    that a re-run with more steps resumes, and a change of seed or model starts afresh.
+    that a re-run with more steps resumes, and a change of seed or model starts afresh. The one
+    exception: with ``train.lr_decay_start`` set the decay ends at ``max_steps``, so the length
+    shapes the trajectory and enters the id.
 
     The batch is the global one (batch_size x world_size): 2 processes of 8 continue a run of 1
     process of 16. Keys beyond the original enter only at non-default values, so that the ids of
