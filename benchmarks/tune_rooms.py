@@ -27,7 +27,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from space.experiment import build_dataset, load_experiment, prepare_data  # noqa: E402
+from space.evaluation import evaluate  # noqa: E402
 from space.training import Trainer  # noqa: E402
+import space  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="rooms")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--test", action="store_true",
+                        help="then evaluate the best checkpoint on the test split (as stages/evaluate.py)")
     args = parser.parse_intermixed_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,6 +66,11 @@ def main() -> None:
     best = rows.loc[rows["val_ap_50"].idxmax()]
     print(f"{args.name}: best val AP50 {best['val_ap_50']:.3f} at step {int(best['step'])}; "
           f"last count accuracy {rows['val_count_accuracy'].iloc[-1]:.3f}; {time.time() - start:.0f} s")
+    if args.test:
+        result = evaluate(space.load(trainer.best_path), build_dataset(exp, "test"), batch_size=32)
+        print(f"{args.name}: test AP50 {result['ap_50']:.3f}, mean AP {result['ap_avg']:.3f}, count accuracy "
+              f"{result['count_accuracy']:.3f} (over {result['overcount']}, under {result['undercount']}) "
+              f"with the best checkpoint")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ class ModelConfig:
     # reported stays the true one.
     z_what_kl_warmup_steps: int = 0
     z_what_kl_warmup_start: float = 0.0
+    # Beyond the original: the width in glimpse pixels of the boundary loss's ring (SPEC 4.6);
+    # None: the original's 6 pixels of a 32-pixel glimpse, scaled to glimpse_size. While the loss
+    # is on, objects stay off the ring, so boxes come out larger than the objects by about
+    # glimpse_size / (glimpse_size - 2 * width) at most; a narrower ring allows tighter boxes.
+    boundary_width: int | None = None
     # Background (SPEC 1.2).
     K: int = 5
     bg_sigma: float = 0.15
@@ -120,6 +125,8 @@ class ModelConfig:
                 _bad(f"model.{prefix}_end_step", end, f"an integer >= {prefix}_start_step ({start}) >= 0")
         if not 0 <= self.z_what_kl_warmup_start <= 1:
             _bad("model.z_what_kl_warmup_start", self.z_what_kl_warmup_start, "a weight in [0, 1]")
+        if self.boundary_width is not None and not 0 <= self.boundary_width < self.glimpse_size / 2:
+            _bad("model.boundary_width", self.boundary_width, f"null or an integer in [0, glimpse_size / 2 = {self.glimpse_size / 2:g})")
         for key in ("bl_off_step", "fix_alpha_steps", "z_what_kl_warmup_steps"):
             if getattr(self, key) < 0:
                 _bad(f"model.{key}", getattr(self, key), "an integer >= 0")
@@ -231,12 +238,17 @@ def _bad(key: str, value: Any, allowed: str) -> None:
 
 
 def _check_types(cfg: Any) -> None:
-    """Check each field's type (ints may stand for floats; bools are not ints)."""
+    """Check each field's type (ints may stand for floats; bools are not ints; ``X | None``
+    fields may be null)."""
     section = _SECTION[type(cfg).__name__]
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool,
-                                                        "str": str}[f.type]
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        if type_name.endswith(" | None"):
+            if value is None:
+                continue
+            type_name = type_name[:-len(" | None")]
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[type_name]
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else

@@ -214,7 +214,7 @@ class SpaceFg(nn.Module):
         legacy = torch.full((1, 1, 32, 32), -1 / 1024)
         legacy[..., LEGACY_FILTER_BLOCK[0]:LEGACY_FILTER_BLOCK[1], LEGACY_FILTER_BLOCK[0]:LEGACY_FILTER_BLOCK[1]] = 1 / 1024
         self.boundary_filter.weight = nn.Parameter(legacy, requires_grad=False)
-        width = round(BOUNDARY_WIDTH_32 * cfg.glimpse_size / 32)
+        width = round(BOUNDARY_WIDTH_32 * cfg.glimpse_size / 32) if cfg.boundary_width is None else cfg.boundary_width
         self.register_buffer("boundary_kernel", boundary_kernel(cfg.glimpse_size, width), persistent=False)
 
     def forward(self, x: torch.Tensor, priors: Priors, deterministic: bool = False) -> FgOutput:

@@ -234,3 +234,5 @@ def test_run_id_takes_later_model_keys_only_at_other_values():
     warm = run_id(ModelConfig(z_what_kl_warmup_steps=500), TrainConfig())
     assert warm != run_id(base, TrainConfig())
     assert run_id(ModelConfig(z_what_kl_warmup_steps=500, z_what_kl_warmup_start=0.5), TrainConfig()) != warm
+    assert run_id(ModelConfig(boundary_width=None), TrainConfig()) == "d7cb935186"
+    assert run_id(ModelConfig(boundary_width=6), TrainConfig()) not in ("d7cb935186", warm)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from space.config import ModelConfig
@@ -11,6 +12,14 @@ def test_boundary_kernel_by_hand():
     assert kernel[6:26, 6:26].abs().sum() == 0
     assert kernel[6, 5] == 1 / 1024 and kernel[6, 6] == 0
     assert (kernel > 0).sum() == 32 * 32 - 20 * 20  # 624 ring pixels
+
+
+def test_boundary_width_sets_the_ring_and_defaults_to_the_originals_share():
+    assert torch.equal(SpaceFg(ModelConfig(glimpse_size=16)).boundary_kernel, boundary_kernel(16, 3))  # round(6 * 16 / 32)
+    narrow = SpaceFg(ModelConfig(glimpse_size=16, boundary_width=1)).boundary_kernel
+    assert (narrow > 0).sum() == 16 * 16 - 14 * 14 and narrow[1:15, 1:15].abs().sum() == 0
+    with pytest.raises(ValueError, match="model.boundary_width"):
+        ModelConfig(glimpse_size=16, boundary_width=8)
 
 
 def test_legacy_boundary_filter_is_frozen_with_the_originals_values():
