@@ -6,7 +6,9 @@ At IoU 0.5 against the ground truth (deterministic mode, presence > 0.5, as the 
 counts right / over / under per image; true objects missed, split into those found with a poor
 box (best IoU 0.1-0.5) and those not found at all (IoU <= 0.1); false boxes far from every true
 object (IoU <= 0.1) near the image border or the top (walls) and elsewhere; the predicted/true box
-side ratio (height, width) of matched pairs. ``--figure`` draws the first 24 images with true
+side ratio (height, width) of matched pairs; for over-counted images, the boxes beyond the true
+count (the least present ones): their presence, their IoU with the nearest other present box and
+their mean glimpse alpha, against those of the other present boxes. ``--figure`` draws the first 24 images with true
 boxes (green), present cells (red) and cells with presence 0.1-0.5 (yellow).
 """
 import argparse
@@ -39,12 +41,15 @@ def main() -> None:
     counts = {"right": 0, "over": 0, "under": 0}
     poor = absent = far_edge = far_inside = total = 0
     ratios, shown = [], []
+    extra = {"prob": [], "iou": [], "alpha": []}
+    kept_alpha = []
     with torch.no_grad():
         for start in range(0, len(data), 50):
             index = range(start, min(start + 50, len(data)))
             x = torch.stack([data[i] for i in index])
             out = model(x, final_priors(model.cfg), mode="deterministic")
             boxes, prob = z_where_to_boxes(out.z_where).numpy(), out.z_pres_prob[..., 0].numpy()
+            alpha = out.alpha_att.flatten(2).mean(2).view(len(index), -1).numpy()  # (B, N) mean glimpse alpha
             for k, i in enumerate(index):
                 gt, pred = np.asarray(data.boxes(i)), boxes[k][prob[k] > 0.5]
                 total += len(gt)
@@ -64,6 +69,16 @@ def main() -> None:
                     if iou[j, g] > 0.3:
                         ratios.append(((pred[j, 1] - pred[j, 0]) / (gt[g, 1] - gt[g, 0]),
                                        (pred[j, 3] - pred[j, 2]) / (gt[g, 3] - gt[g, 2])))
+                present = np.flatnonzero(prob[k] > 0.5)
+                present = present[np.argsort(-prob[k][present], kind="stable")]
+                extras = present[len(gt):]
+                kept_alpha += list(alpha[k][present[:len(gt)]])
+                if len(extras):
+                    between = iou_matrix(boxes[k][present], boxes[k][present])
+                    np.fill_diagonal(between, 0)
+                    extra["prob"] += list(prob[k][extras])
+                    extra["iou"] += list(between[len(gt):].max(1))
+                    extra["alpha"] += list(alpha[k][extras])
                 if len(shown) < 24:
                     shown.append((x[k], gt, boxes[k], prob[k]))
     ratios = np.array(ratios).reshape(-1, 2)
@@ -73,6 +88,12 @@ def main() -> None:
     if len(ratios):
         print(f"predicted/true box side (height, width): median {np.median(ratios, 0).round(2)}, "
               f"10-90% {np.percentile(ratios, 10, 0).round(2)} - {np.percentile(ratios, 90, 0).round(2)}")
+    if extra["prob"]:
+        q = [10, 50, 90]
+        print(f"boxes beyond the true count in over-counted images: {len(extra['prob'])}; presence 10/50/90% "
+              f"{np.percentile(extra['prob'], q).round(3)}, IoU with the nearest other present box "
+              f"{np.percentile(extra['iou'], q).round(2)}, mean glimpse alpha {np.percentile(extra['alpha'], q).round(2)} "
+              f"(the other present boxes: {np.percentile(kept_alpha, q).round(2)})")
     if args.figure:
         draw(shown, size, args.figure)
 
