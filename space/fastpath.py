@@ -359,9 +359,10 @@ def spatial_broadcast_decode(decoder: nn.Sequential, z: torch.Tensor, size: int,
         blocks[-1].append(layer)
     if recompute and torch.is_grad_enabled():
         for i in range(0, len(blocks), DECODER_BLOCKS_PER_SEGMENT):
-            segment = [layer for block in blocks[i:i + DECODER_BLOCKS_PER_SEGMENT] for layer in block]
-            h = checkpoint(_recompute_safe(_run_blocks_checkpointed, segment), blocks[i:i + DECODER_BLOCKS_PER_SEGMENT],
-                           h, use_reentrant=False, preserve_rng_state=False)
+            segment = blocks[i:i + DECODER_BLOCKS_PER_SEGMENT]
+            layers = [layer for block in segment for layer in block]
+            h = checkpoint(_recompute_safe(_run_blocks_checkpointed, layers), segment, h,
+                           use_reentrant=False, preserve_rng_state=False)
     else:
         for block in blocks:
             h = _run_block(block, h)
