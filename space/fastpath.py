@@ -31,14 +31,12 @@ The glimpse decoder's two output heads run as one convolution on the fast path (
 
 Everything is pure autograd-friendly PyTorch; results equal the reference up to float rounding
 (tests/test_fastpath.py: float32 to 1e-5, float64 to 1e-9, outputs and gradients).
-:func:`fast_fg_forward` and :func:`fast_comp_decoder_forward` are drop-in forwards for
-``SpaceFg`` and ``CompDecoder`` built from these pieces; :func:`use_fast_path` patches a model.
+``fg.SpaceFg`` and ``bg.CompDecoder`` call these pieces when ``model.fast_path`` is on (the
+default); with it off they run the SPEC-literal code that the tests compare against.
 """
 from __future__ import annotations
 
 import functools
-import types
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +44,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .geometry import INVERSE_EPS, paste_glimpses
-
-if TYPE_CHECKING:  # imported lazily at run time: fg.py / bg.py may import this module
-    from .bg import CompDecoder
-    from .fg import FgOutput, SpaceFg
-    from .model import Space
-    from .schedules import Priors
-
 
 # --------------------------------------------------------------------------------------------
 # 1. Glimpse cropping
@@ -444,12 +435,6 @@ def _recompute_safe(fn, layers: list[nn.Module]):
     return run
 
 
-def _is_plain_conv(module: nn.Module) -> bool:
-    """Whether decoder[0] is an ungrouped, unpadded conv, for which the split is valid."""
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and all(p == 0 for p in module.padding))
-
-
 # --------------------------------------------------------------------------------------------
 # 4. Per-glimpse networks in chunks
 # --------------------------------------------------------------------------------------------
@@ -511,109 +496,3 @@ def run_checkpointed(module: nn.Module, inputs: torch.Tensor, enabled: bool = Tr
     if not enabled or not torch.is_grad_enabled():
         return module(inputs)
     return checkpoint(_recompute_safe(module, [module]), inputs, use_reentrant=False, preserve_rng_state=False)
-
-
-# --------------------------------------------------------------------------------------------
-# 5. Drop-in forwards
-# --------------------------------------------------------------------------------------------
-
-def fast_comp_decoder_forward(comp_decoder: "CompDecoder", z_comp: torch.Tensor) -> torch.Tensor:
-    """``CompDecoder.forward`` via :func:`spatial_broadcast_decode`: (M, D) -> (M, 3, H, W)."""
-    if not _is_plain_conv(comp_decoder.decoder[0]):
-        return type(comp_decoder).forward(comp_decoder, z_comp)  # the class's own (reference) forward
-    return spatial_broadcast_decode(comp_decoder.decoder, z_comp, comp_decoder.size)
-
-
-def fast_fg_forward(fg_module: "SpaceFg", x: torch.Tensor, priors: "Priors", deterministic: bool = False,
-                    glimpse_chunk: int | None = GLIMPSE_CHUNK, recompute: bool = False) -> "FgOutput":
-    """``SpaceFg.forward`` with steps 2 (crop), 4 (compose) and 5 (boundary map) on the fast path.
-
-    Steps 1, 3 and 6 are copied from fg.SpaceFg.forward, so the RNG draws (same calls, same
-    shapes, same order) and every other value are the same; the one change there is that
-    z_what_net (step 2) and glimpse_dec (step 3) run through :func:`run_in_chunks`
-    (``glimpse_chunk=None`` runs them whole, exactly as the reference), and ``recompute`` is
-    passed to :func:`compose`. The z_what noise is
-    still drawn once for all B*N cells between the two. ``importance_map_full_res_norm`` (the
-    (B, N, 1, H, W) softmax weights) is not built and is None.
-    """
-    from .distributions import bernoulli_kl, normal_kl, normal_log_prob, normal_sample, relaxed_bernoulli_logit_sample
-    from .fg import BOUNDARY_SCALE, BOUNDARY_STD, IMPORTANCE_SCALE, SCALE_STD_EPS, FgOutput
-
-    self = fg_module
-    cfg = self.cfg
-    B, N, H, h = x.size(0), cfg.num_cells, cfg.image_size, cfg.glimpse_size
-    with torch.no_grad():  # keep the buffers as the original leaves them (SPEC 4.1)
-        self.tau.fill_(priors.tau)
-        self.prior_z_pres_prob.fill_(priors.z_pres_prob)
-
-    # 1. Encode the grid and sample per-cell latents, in the original's RNG order (SPEC 13.3).
-    z_pres_logits, depth, scale, shift = self.img_encoder(x)
-    z_pres_y = relaxed_bernoulli_logit_sample(z_pres_logits, priors.tau, deterministic)
-    z_pres = torch.sigmoid(z_pres_y)  # (B, N, 1)
-    z_depth_mean, z_depth_std = depth[..., :1], F.softplus(depth[..., 1:])
-    z_depth = normal_sample(z_depth_mean, z_depth_std, deterministic)  # (B, N, 1)
-    z_scale_mean, z_scale_std = scale[..., :2], F.softplus(scale[..., 2:]) + SCALE_STD_EPS
-    z_scale = torch.sigmoid(normal_sample(z_scale_mean, z_scale_std, deterministic))  # (B, N, 2)
-    z_shift_mean, z_shift_std = shift[..., :2], F.softplus(shift[..., 2:])
-    offset = self.img_encoder.offset.permute(1, 2, 0).reshape(N, 2)  # (N, 2): (column, row)
-    z_shift = (2.0 / cfg.G) * (offset + 0.5 + torch.tanh(normal_sample(z_shift_mean, z_shift_std, deterministic))) - 1
-    z_where = torch.cat((z_scale, z_shift), -1)  # (B, N, 4)
-
-    # 2. Crop a glimpse per cell (fast: no repeated image) and encode it.
-    glimpses = crop_glimpses_batched(x, z_where, h)  # (B*N, 3, h, w)
-    z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, glimpse_chunk)
-    z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
-
-    # 3. Decode glimpses.
-    o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, glimpse_chunk)  # (B*N, 3, h, w), (B*N, 1, h, w)
-    alpha_att_hat = alpha_att * z_pres.reshape(B * N, 1, 1, 1)
-    y_att = alpha_att_hat * o_att
-    importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))
-
-    # 4-5. Compose on windows (fast), and the boundary map from the same windows (SPEC 4.5, 4.6).
-    kernel = None
-    if priors.boundary_loss:
-        kernel = self.boundary_kernel.expand(B * N, 1, h, h) * z_pres.reshape(B * N, 1, 1, 1)
-    fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_att_hat, z_where, H, kernel, recompute)
-    if priors.boundary_loss:
-        boundary_map = boundary_sum * BOUNDARY_SCALE
-        overlap = boundary_map * alpha_map
-        boundary_loss = -normal_log_prob(overlap, torch.zeros_like(overlap), BOUNDARY_STD).flatten(1).sum(1)
-    else:
-        boundary_map, boundary_loss = None, x.new_zeros(B)
-
-    # 6. Likelihood and KL terms, each summed to (B,); none weighted by z_pres (SPEC 4.8).
-    fg_likelihood = normal_log_prob(x, fg, cfg.fg_sigma)
-    z_pres_prob = torch.sigmoid(z_pres_logits)
-    kl_z_pres = bernoulli_kl(z_pres_prob, priors.z_pres_prob).flatten(1).sum(1)
-    kl_z_depth = normal_kl(z_depth_mean, z_depth_std, self.prior_depth_mean, self.prior_depth_std).flatten(1).sum(1)
-    scale_prior_mean = torch.tensor(priors.z_scale_mean, device=x.device)
-    kl_z_scale = normal_kl(z_scale_mean, z_scale_std, scale_prior_mean, cfg.z_scale_std_value).flatten(1).sum(1)
-    kl_z_shift = normal_kl(z_shift_mean, z_shift_std, 0.0, 1.0).flatten(1).sum(1)
-    kl_z_what = normal_kl(z_what_mean, z_what_std, self.prior_what_mean, self.prior_what_std).view(B, -1).sum(1)
-    kl_z_where = kl_z_scale + kl_z_shift
-    return FgOutput(
-        fg=fg, alpha_map=alpha_map, fg_likelihood=fg_likelihood, z_what=z_what.view(B, N, -1),
-        z_where=z_where, z_pres=z_pres, z_pres_prob=z_pres_prob, z_pres_logits=z_pres_logits,
-        z_scale=z_scale, z_shift=z_shift, z_depth=z_depth, o_att=o_att, alpha_att=alpha_att,
-        alpha_att_hat=alpha_att_hat, importance_map_full_res_norm=None, boundary_loss=boundary_loss,
-        boundary_map=boundary_map, kl_z_what=kl_z_what, kl_z_pres=kl_z_pres, kl_z_scale=kl_z_scale,
-        kl_z_shift=kl_z_shift, kl_z_depth=kl_z_depth, kl_z_where=kl_z_where,
-        kl_fg=kl_z_what + kl_z_where + kl_z_pres + kl_z_depth)
-
-
-def use_fast_path(model: "Space", glimpse_chunk: int | None = GLIMPSE_CHUNK) -> "Space":
-    """Route a model's foreground and component decoder through the fast path (in place).
-
-    Sets instance-level ``forward`` overrides: ``model.fg_module`` runs :func:`fast_fg_forward`
-    (with ``glimpse_chunk``; None keeps z_what_net and glimpse_dec whole) and, for K > 1,
-    ``model.bg_module.comp_decoder`` runs :func:`fast_comp_decoder_forward`. State_dict,
-    parameters and RNG use are unchanged.
-    """
-    from .bg import CompDecoder
-
-    model.fg_module.forward = functools.partial(fast_fg_forward, model.fg_module, glimpse_chunk=glimpse_chunk)
-    if isinstance(model.bg_module.comp_decoder, CompDecoder):
-        model.bg_module.comp_decoder.forward = types.MethodType(fast_comp_decoder_forward,
-                                                                model.bg_module.comp_decoder)
-    return model

@@ -216,6 +216,9 @@ class SpaceFg(nn.Module):
         self.boundary_filter.weight = nn.Parameter(legacy, requires_grad=False)
         width = round(BOUNDARY_WIDTH_32 * cfg.glimpse_size / 32) if cfg.boundary_width is None else cfg.boundary_width
         self.register_buffer("boundary_kernel", boundary_kernel(cfg.glimpse_size, width), persistent=False)
+        # Glimpses per chunk of z_what_net and glimpse_dec (fastpath.run_in_chunks); None runs all
+        # B*N at once. Chunked (and recomputed in the backward) under model.low_memory only.
+        self.glimpse_chunk = GLIMPSE_CHUNK if cfg.fast_path and cfg.low_memory else None
 
     def forward(self, x: torch.Tensor, priors: Priors, deterministic: bool = False) -> FgOutput:
         cfg = self.cfg
@@ -243,12 +246,11 @@ class SpaceFg(nn.Module):
         else:
             x_repeat = torch.repeat_interleave(x, N, dim=0)  # (B*N, 3, H, W): row b*N + n is cell n of image b
             glimpses = crop_glimpses(x_repeat, z_where.reshape(B * N, 4), h)  # (B*N, 3, h, w)
-        chunk = GLIMPSE_CHUNK if cfg.fast_path and cfg.low_memory else None  # None: all glimpses at once
-        z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, chunk)
+        z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, self.glimpse_chunk)
         z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
 
         # 3. Decode glimpses.
-        o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, chunk)  # (B*N, 3, h, w), (B*N, 1, h, w)
+        o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, self.glimpse_chunk)  # (B*N, 3, h, w), (B*N, 1, h, w)
         alpha_att_hat = alpha_att * z_pres.reshape(B * N, 1, 1, 1)
         y_att = alpha_att_hat * o_att
         importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))

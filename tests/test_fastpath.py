@@ -18,8 +18,7 @@ from torch import nn
 
 from space.bg import CompDecoder, MaskDecoder
 from space.config import ModelConfig
-from space.fastpath import (compose, crop_glimpses_batched, fast_comp_decoder_forward, fast_fg_forward, run_checkpointed,
-                            run_in_chunks, spatial_broadcast_decode, use_fast_path)
+from space.fastpath import compose, crop_glimpses_batched, run_checkpointed, run_in_chunks, spatial_broadcast_decode
 from space.fg import SpaceFg
 from space.geometry import crop_glimpses, paste_glimpses
 from space.model import Space
@@ -208,10 +207,11 @@ def test_spatial_broadcast_decode_matches_comp_decoder(train, dtype):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    fast_module = copy.deepcopy(ref_module)
+    fast_module = CompDecoder(dataclasses.replace(cfg, fast_path=True)).train(train).to(dtype)
+    fast_module.load_state_dict(ref_module.state_dict())
     z = torch.randn(10, cfg.z_comp_dim, dtype=dtype, requires_grad=True)
     ref = ref_module(z)
-    fast = fast_comp_decoder_forward(fast_module, z)
+    fast = fast_module(z)
     assert fast.shape == ref.shape == (10, 3, 32, 32) and fast.is_contiguous() and fast.dtype == dtype
     assert_close(fast, ref, "output", rtol=tol, atol_scale=tol)
     cotangent = torch.randn(ref.shape, dtype=dtype)
@@ -280,24 +280,28 @@ def fg_loss(out) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("G,chunk,deterministic,step", [(8, 48, False, 5000), (4, None, True, 200_000_000)])
-def test_fast_fg_forward_matches_spacefg(G, chunk, deterministic, step):
-    """Same seed, same draws. float32: every output to 1e-5. float64: outputs and the gradients
+def test_fast_spacefg_matches_the_reference(G, chunk, deterministic, step):
+    """SpaceFg with model.fast_path on (and model.low_memory, glimpses in chunks of ``chunk``,
+    where chunk is set) against the SPEC-literal SpaceFg. Same seed, same draws. float32: every output to 1e-5. float64: outputs and the gradients
     of every parameter to 1e-9, i.e. the same function. (float32 parameter gradients are not
     compared elementwise: some, e.g. a conv bias feeding CELU then a one-channel-per-group
     GroupNorm, are sums of 10^5 terms that cancel to ~1e-3 of their size, so float32 rounding of
     the cotangents moves them by percents on either path.)"""
     torch.manual_seed(0)
     cfg = reference_config(image_size=64, G=G, fg_width=0.25)  # narrow networks: the same code, faster
-    fg32 = SpaceFg(cfg)
+    ref32 = SpaceFg(cfg)
+    fast32 = SpaceFg(dataclasses.replace(cfg, fast_path=True, low_memory=chunk is not None))
+    fast32.load_state_dict(ref32.state_dict())
+    fast32.glimpse_chunk = chunk
     priors = priors_at(cfg, step)
     x = torch.rand(2, 3, 64, 64)
     for dtype in (torch.float32, torch.float64):
-        fg = copy.deepcopy(fg32).to(dtype)
+        fg, fast_fg = copy.deepcopy(ref32).to(dtype), copy.deepcopy(fast32).to(dtype)
         tol = RTOL if dtype == torch.float32 else 1e-9
         torch.manual_seed(5)
         ref = fg(x.to(dtype), priors, deterministic)
         torch.manual_seed(5)
-        fast = fast_fg_forward(fg, x.to(dtype), priors, deterministic, glimpse_chunk=chunk)
+        fast = fast_fg(x.to(dtype), priors, deterministic)
         assert fast.importance_map_full_res_norm is None
         for name in FG_FIELDS:
             r, f = getattr(ref, name), getattr(fast, name)
@@ -308,14 +312,15 @@ def test_fast_fg_forward_matches_spacefg(G, chunk, deterministic, step):
         if dtype == torch.float64:
             named = [(n, p) for n, p in fg.named_parameters() if p.requires_grad]
             ref_grads = torch.autograd.grad(fg_loss(ref), [p for _, p in named])
-            fast_grads = torch.autograd.grad(fg_loss(fast), [p for _, p in named])
+            fast_grads = torch.autograd.grad(fg_loss(fast), [p for p in fast_fg.parameters() if p.requires_grad])
             for (name, _), f, r in zip(named, fast_grads, ref_grads):
                 assert_close(f, r, f"d/d{name}", rtol=tol, atol_scale=tol)
 
 
-def test_use_fast_path_gives_the_reference_loss_and_gradients():
-    """The whole model, one training forward and backward: float32 loss and reconstruction to
-    1e-5; float64 loss and every parameter gradient to 1e-9."""
+def test_fast_low_memory_model_gives_the_reference_loss_and_gradients():
+    """The whole model with model.fast_path and model.low_memory, glimpses in ragged chunks of 10
+    (48 cells), one training forward and backward: float32 loss and reconstruction to 1e-5;
+    float64 loss and every parameter gradient to 1e-9."""
     torch.manual_seed(0)
     cfg = reference_config(image_size=32, G=4, K=3, fg_width=0.25, bg_width=0.25)
     model32 = Space(cfg)
@@ -324,7 +329,9 @@ def test_use_fast_path_gives_the_reference_loss_and_gradients():
     for dtype in (torch.float32, torch.float64):
         tol = RTOL if dtype == torch.float32 else 1e-9
         ref_model = copy.deepcopy(model32).to(dtype)
-        fast_model = use_fast_path(copy.deepcopy(ref_model), glimpse_chunk=10)
+        fast_model = Space(dataclasses.replace(cfg, fast_path=True, low_memory=True)).to(dtype)
+        fast_model.load_state_dict(ref_model.state_dict())
+        fast_model.fg_module.glimpse_chunk = 10
         assert fast_model.state_dict().keys() == ref_model.state_dict().keys()
         outs = []
         for model in (ref_model, fast_model):
