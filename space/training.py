@@ -654,7 +654,8 @@ class Trainer:
 
     def _periodic(self, step: int, out: SpaceOutput, ok: bool, losses: deque, after: _Position, writer,
                   count: int | None = None) -> None:
-        """Logging, plot rows, checkpoints and validation at step t, in the original's order (SPEC 8.3).
+        """Logging, plot rows, validation and checkpoints at step t: the original's order (SPEC 8.3)
+        but for validation, which comes before the checkpoint here (see below).
 
         Under DDP every rank comes here with the same step: the plot row's batch metrics are
         all-reduced (global-batch means), the checkpoint gathers every rank's RNG state, and
@@ -671,19 +672,29 @@ class Trainer:
             if losses:
                 row["loss"] = statistics.median(losses)
             self.rows.append(row)
-        if step % cfg.save_every == 0:
-            self._save(step, after)
-            if env.is_main:
-                self._write_plots()
+        # Validation before the checkpoint (the original saves first): its data loader draws from
+        # torch's global RNG, so the checkpoint must record the RNG state after it, the one the
+        # next step starts from, for a resumed run to equal an uninterrupted one; the checkpoint's
+        # plot rows then carry the validation too. The weights are the same either way.
         if val_due:
             if env.is_main:
                 self._validate(step, after, writer)
             _barrier(env, self.device)
+        if step % cfg.save_every == 0:
+            self._save(step, after)
+            if env.is_main:
+                self._write_plots()
 
     def _validate(self, step: int, after: _Position, writer) -> None:
         cfg = self.cfg
+        # Evaluation sets the prior buffers (tau, z_pres prior) to their final values; put back the
+        # training step's, so that the checkpoint written next holds what the original's would.
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
         metrics = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_num_images,
                            self.device, progress=False)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
         self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse",
                                                                 "fg_explained", "alpha_coverage", "mean_objects")
                               if metrics.get(k) is not None})

@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -85,6 +87,37 @@ def test_sigkill_three_times_then_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
     assert (straight / "plot.csv").read_text() == (killed / "plot.csv").read_text()
     assert len(find_checkpoints(killed)) == 3  # max_ckpt
+
+
+class BoxedImages(RandomImages):
+    """Random images with one ground-truth box each: a validation set that gets AP and counts."""
+
+    has_boxes = True
+
+    def boxes(self, index):
+        return np.array([[0.25, 0.5, 0.25, 0.5]], dtype=np.float32)
+
+
+def test_resume_after_a_validation_step_equals_uninterrupted_run(tmp_path):
+    # Validation runs between a step's checkpoint and the next step, and its data loader draws
+    # from torch's global RNG: a checkpoint must hold the RNG state the next step starts from.
+    cfg = dict(TINY_TRAIN, max_steps=7, save_every=2, eval_on=True, eval_every=2, val_num_images=4,
+               val_batch_size=2, best_metric="ap_50")
+    straight = Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**cfg), RandomImages(), tmp_path / "a",
+                       val_set=BoxedImages(n=4), plots_path=tmp_path / "a.csv", progress=False).fit()
+    Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**cfg, "max_steps": 4}), RandomImages(), tmp_path / "b",
+            val_set=BoxedImages(n=4), progress=False).fit()  # stops after step 4: checkpoint, validation
+    resumed = Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**cfg), RandomImages(), tmp_path / "b",
+                      val_set=BoxedImages(n=4), plots_path=tmp_path / "b.csv", progress=False)
+    assert resumed.position.step == 5
+    resumed = resumed.fit()
+    a, b = straight.state_dict(), resumed.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # the resumed run's curves keep the validation rows written before the interruption
+    rows_a, rows_b = (pd.read_csv(tmp_path / f"{n}.csv") for n in "ab")
+    assert list(rows_a["step"]) == list(rows_b["step"])
+    assert rows_a["val_ap_50"].notna().sum() == rows_b["val_ap_50"].notna().sum() == 4  # steps 0, 2, 4, 6
 
 
 def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, monkeypatch):
