@@ -687,14 +687,12 @@ class Trainer:
 
     def _validate(self, step: int, after: _Position, writer) -> None:
         cfg = self.cfg
-        # Evaluation sets the prior buffers (tau, z_pres prior) to their final values; put back the
-        # training step's, so that the checkpoint written next holds what the original's would.
+        # Evaluation sets the prior buffers (tau, z_pres prior) to their final values, which the best
+        # checkpoint keeps, as the original's does; they are put back to the training step's below,
+        # so that the periodic checkpoint written next holds what the original's would.
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         metrics = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_num_images,
                            self.device, progress=False)
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
         self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse",
                                                                 "fg_explained", "alpha_coverage", "mean_objects")
                               if metrics.get(k) is not None})
@@ -706,6 +704,9 @@ class Trainer:
             if self.progress:
                 tqdm.write(f"warning: {message}")
         self._maybe_save_best(metrics, step, after)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
     def _has_val(self) -> bool:
         return self.val_set is not None and bool(getattr(self.val_set, "has_boxes", False)) and len(self.val_set) > 0

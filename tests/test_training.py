@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT
 from space.checkpoint import read_checkpoint
 from space.config import ModelConfig, TrainConfig
+from space.schedules import final_priors, priors_at
 from space.training import Trainer, TrainingError, find_checkpoints
 
 TINY_MODEL = dict(image_size=32, G=4, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=2, z_pres_start_step=2,
@@ -118,6 +119,13 @@ def test_resume_after_a_validation_step_equals_uninterrupted_run(tmp_path):
     rows_a, rows_b = (pd.read_csv(tmp_path / f"{n}.csv") for n in "ab")
     assert list(rows_a["step"]) == list(rows_b["step"])
     assert rows_a["val_ap_50"].notna().sum() == rows_b["val_ap_50"].notna().sum() == 4  # steps 0, 2, 4, 6
+    # the periodic checkpoint keeps the training step's prior buffers, the best one the final
+    # priors its validation set (as the original's checkpoints do)
+    model_cfg = ModelConfig(**TINY_MODEL)
+    periodic = read_checkpoint(tmp_path / "b" / "model_000000005.pth")["model"]
+    assert periodic["fg_module.tau"].item() == pytest.approx(priors_at(model_cfg, 4).tau)
+    best = read_checkpoint(tmp_path / "b" / "best_ap_50.pth")["model"]
+    assert best["fg_module.tau"].item() == pytest.approx(final_priors(model_cfg).tau) != priors_at(model_cfg, 4).tau
 
 
 def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, monkeypatch):
