@@ -144,22 +144,3 @@ def test_output_best_writes_the_best_validation_checkpoint(tmp_path):
     assert written["global_step"] == best["global_step"]
     assert all(torch.equal(written["model"][k], kept["model"][k]) for k in kept["model"])
     assert "output: the best checkpoint by validation count_error_rate" in result.stderr
-
-
-def test_stages_turn_on_huge_pages_before_torch_allocates():
-    """Importing `stages` sets THP_MEM_ALLOC_ENABLE (unless set) early enough for torch to use it."""
-    probe = ("import os, stages, torch\n"
-             "x = torch.ones(64 * 2 ** 20)\n"  # 256 MiB, far above torch's 2 MiB threshold
-             "huge = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')]\n"
-             "print(os.environ['THP_MEM_ALLOC_ENABLE'], huge[0] if huge else -1)\n")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    run = lambda extra: subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, **extra},
-                                       capture_output=True, text=True, check=True).stdout.split()
-    assert run({})[0] == "1"
-    assert run({"THP_MEM_ALLOC_ENABLE": "0"})[0] == "0"  # the user's choice is kept
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not Path("/proc/self/smaps_rollup").exists() or not thp.exists() or "[never]" in thp.read_text():
-        pytest.skip("no transparent huge pages on this machine")
-    assert int(run({})[1]) > 0
-    if "[madvise]" in thp.read_text():  # huge pages only where asked for: torch asks only when enabled
-        assert int(run({"THP_MEM_ALLOC_ENABLE": "0"})[1]) == 0
