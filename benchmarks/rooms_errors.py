@@ -21,7 +21,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import space  # noqa: E402
-from space.checkpoint import read_checkpoint  # noqa: E402
 from space.data.datasets import Obj3dDataset  # noqa: E402
 from space.geometry import z_where_to_boxes  # noqa: E402
 from space.metrics import iou_matrix  # noqa: E402

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
 from .io import write_json
-from .config import ModelConfig, TrainConfig, _bad, from_dict, load_params, to_dict
+from .config import ModelConfig, TrainConfig, _bad, from_dict, load_params
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
 DOWNLOADED = ("OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI")
@@ -68,7 +68,7 @@ class DataConfig:
         if not 1 <= self.min_objects <= self.max_objects:
             _bad("data.max_objects", self.max_objects, f"an integer >= min_objects ({self.min_objects}) >= 1")
         if not 0 < self.min_size <= self.max_size < 1:
-            _bad("data.max_size", self.max_size, f"a fraction of the image side with 0 < min_size <= max_size < 1")
+            _bad("data.max_size", self.max_size, "a fraction of the image side with 0 < min_size <= max_size < 1")
         from .data.rooms import PALETTES, WALL_STYLES
 
         if self.palette not in PALETTES:

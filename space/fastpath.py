@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import INVERSE_EPS, paste_glimpses
+from .geometry import INVERSE_EPS, compose_reference
 
 # --------------------------------------------------------------------------------------------
 # 1. Glimpse cropping
@@ -222,7 +222,7 @@ def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.
     cx, cy = -tx / (sx + INVERSE_EPS), -ty / (sy + INVERSE_EPS)
     affine = torch.stack((ax, cx, ay, cy), 1)  # (B*N, 4)
     if not torch.isfinite(affine).all():  # no windows for NaN/inf boxes: the reference gives its NaNs
-        return _compose_reference(importance, y_att, alpha_att_hat, z_where, image_size, boundary)
+        return compose_reference(importance, y_att, alpha_att_hat, z_where, image_size, boundary)[:3]
     maps = [importance, y_att, alpha_att_hat] + ([boundary] if boundary is not None else [])
     maps = torch.cat(maps, 1)  # (B*N, Cm, h, w): channels I, Y (3), A, [K]
     base_x, base_y = _pixel_base(W, ax), _pixel_base(H, ay)  # (W,), (H,)
@@ -268,22 +268,6 @@ def compose(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.
     fg = composite[:3, 0].transpose(0, 1).contiguous()  # (B, 3, H, W)
     alpha_map = composite[3].transpose(0, 1)  # (B, 1, H, W), contiguous
     boundary_sum = sums[4].view(B, 1, H, W) if boundary is not None else None
-    return fg, alpha_map, boundary_sum
-
-
-def _compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor,
-                       z_where: torch.Tensor, image_size: int, boundary: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The SPEC-literal composition of SpaceFg.forward steps 4-5 (full-resolution maps)."""
-    B, N = z_where.shape[:2]
-    H = image_size
-    where = z_where.reshape(B * N, 4)
-    weights = torch.softmax(paste_glimpses(importance, where, H).view(B, N, 1, H, H), dim=1)
-    fg = (paste_glimpses(y_att, where, H).view(B, N, 3, H, H) * weights).sum(1)
-    alpha_map = (paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H) * weights).sum(1)
-    boundary_sum = None
-    if boundary is not None:
-        boundary_sum = paste_glimpses(boundary, where, H).view(B, N, 1, H, H).sum(1)
     return fg, alpha_map, boundary_sum
 
 

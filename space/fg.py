@@ -15,7 +15,7 @@ from torch import nn
 from .config import ModelConfig
 from .distributions import bernoulli_kl, normal_kl, normal_log_prob, normal_sample, relaxed_bernoulli_logit_sample
 from .fastpath import GLIMPSE_CHUNK, compose, crop_glimpses_batched, run_in_chunks
-from .geometry import crop_glimpses, paste_glimpses
+from .geometry import compose_reference, crop_glimpses
 from .layers import conv_celu_gn, scaled, upsample_block
 from .schedules import Priors
 
@@ -34,28 +34,6 @@ def boundary_kernel(size: int, width: int) -> torch.Tensor:
     kernel = torch.full((size, size), BOUNDARY_VALUE)
     kernel[width:size - width, width:size - width] = 0
     return kernel
-
-
-def compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor,
-                      z_where: torch.Tensor, image_size: int, boundary: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """SPEC-literal composition (SPEC 4.5, 4.6): paste every cell's maps to full resolution and take
-    the softmax of importance over all N cells per pixel (cells not covering a pixel still count,
-    each with exp(0) = 1). The reference that ``fastpath.compose`` is tested against.
-
-    Args:
-        importance, alpha_att_hat, boundary: (B*N, 1, h, w); y_att: (B*N, 3, h, w); z_where: (B, N, 4).
-    Returns:
-        fg (B, 3, H, W), alpha_map (B, 1, H, W), the summed pasted boundary (B, 1, H, W) or None,
-        and the weights (B, N, 1, H, W).
-    """
-    B, N, H = z_where.size(0), z_where.size(1), image_size
-    where = z_where.reshape(B * N, 4)
-    weights = torch.softmax(paste_glimpses(importance, where, H).view(B, N, 1, H, H), dim=1)
-    fg = (paste_glimpses(y_att, where, H).view(B, N, 3, H, H) * weights).sum(1)
-    alpha_map = (paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H) * weights).sum(1)
-    boundary_sum = None if boundary is None else paste_glimpses(boundary, where, H).view(B, N, 1, H, H).sum(1)
-    return fg, alpha_map, boundary_sum, weights
 
 
 class ImgEncoderFg(nn.Module):

@@ -58,6 +58,29 @@ def paste_glimpses(glimpses: torch.Tensor, z_where: torch.Tensor, image_size: in
     return F.grid_sample(glimpses, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def compose_reference(importance: torch.Tensor, y_att: torch.Tensor, alpha_att_hat: torch.Tensor,
+                      z_where: torch.Tensor, image_size: int, boundary: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """SPEC-literal composition (SPEC 4.5, 4.6): paste every cell's maps to full resolution and take
+    the softmax of importance over all N cells per pixel (cells not covering a pixel still count,
+    each with exp(0) = 1). ``fg.SpaceFg`` runs it when ``model.fast_path`` is off; it is the
+    reference that ``fastpath.compose`` is tested against.
+
+    Args:
+        importance, alpha_att_hat, boundary: (B*N, 1, h, w); y_att: (B*N, 3, h, w); z_where: (B, N, 4).
+    Returns:
+        fg (B, 3, H, W), alpha_map (B, 1, H, W), the summed pasted boundary (B, 1, H, W) or None,
+        and the weights (B, N, 1, H, W).
+    """
+    B, N, H = z_where.size(0), z_where.size(1), image_size
+    where = z_where.reshape(B * N, 4)
+    weights = torch.softmax(paste_glimpses(importance, where, H).view(B, N, 1, H, H), dim=1)
+    fg = (paste_glimpses(y_att, where, H).view(B, N, 3, H, H) * weights).sum(1)
+    alpha_map = (paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H) * weights).sum(1)
+    boundary_sum = None if boundary is None else paste_glimpses(boundary, where, H).view(B, N, 1, H, H).sum(1)
+    return fg, alpha_map, boundary_sum, weights
+
+
 def z_where_to_boxes(z_where: torch.Tensor) -> torch.Tensor:
     """Boxes in the evaluation convention: normalised [y_min, y_max, x_min, x_max] (SPEC 9.2).
 

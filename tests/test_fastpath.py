@@ -20,7 +20,7 @@ from space.bg import CompDecoder, MaskDecoder
 from space.config import ModelConfig
 from space.fastpath import compose, crop_glimpses_batched, run_checkpointed, run_in_chunks, spatial_broadcast_decode
 from space.fg import SpaceFg
-from space.geometry import crop_glimpses, paste_glimpses
+from space.geometry import compose_reference, crop_glimpses
 from space.model import Space
 from space.schedules import priors_at
 
@@ -60,18 +60,6 @@ def assert_close(fast: torch.Tensor, ref: torch.Tensor, what: str = "", rtol: fl
     assert fast.shape == ref.shape, what
     assert torch.allclose(fast, ref, rtol=rtol, atol=atol_scale * scale), \
         f"{what}: max abs diff {(fast - ref).abs().max().item():.3g} at scale {scale:.3g}"
-
-
-def reference_compose(importance, y_att, alpha_att_hat, z_where, image_size, boundary=None):
-    """SpaceFg.forward steps 4-5 as written in fg.py: full-resolution pastes, softmax over all N."""
-    B, N = z_where.shape[:2]
-    H = image_size
-    where = z_where.reshape(B * N, 4)
-    weights = torch.softmax(paste_glimpses(importance, where, H).view(B, N, 1, H, H), dim=1)
-    fg = (paste_glimpses(y_att, where, H).view(B, N, 3, H, H) * weights).sum(1)
-    alpha_map = (paste_glimpses(alpha_att_hat, where, H).view(B, N, 1, H, H) * weights).sum(1)
-    boundary_sum = None if boundary is None else paste_glimpses(boundary, where, H).view(B, N, 1, H, H).sum(1)
-    return fg, alpha_map, boundary_sum
 
 
 def random_where(B: int, G: int, gen: torch.Generator) -> torch.Tensor:
@@ -137,7 +125,7 @@ def test_compose_matches_reference_values_and_gradients(G, H, B, seed, dtype):
     inputs = [t.to(dtype).requires_grad_() for t in (*glimpse_maps(B, N, h, gen), z_where)]
     importance, y_att, alpha_hat, boundary, z_where = inputs
     assert importance.max() > 99  # the overflow case is exercised
-    ref = reference_compose(importance, y_att, alpha_hat, z_where, H, boundary)
+    ref = compose_reference(importance, y_att, alpha_hat, z_where, H, boundary)[:3]
     fast = compose(importance, y_att, alpha_hat, z_where, H, boundary)
     tol = RTOL if dtype == torch.float32 else 1e-9
     for name, f, r in zip(("fg", "alpha_map", "boundary_sum"), fast, ref):
@@ -159,7 +147,7 @@ def test_compose_at_importance_100_everywhere_and_without_boundary():
     importance = torch.full((B * N, 1, h, h), 100.0, requires_grad=True)
     _, y_att, alpha_hat, _ = glimpse_maps(B, N, h, gen)
     fg, alpha_map, boundary_sum = compose(importance, y_att, alpha_hat, z_where, H)
-    ref_fg, ref_alpha, _ = reference_compose(importance, y_att, alpha_hat, z_where, H)
+    ref_fg, ref_alpha, _, _ = compose_reference(importance, y_att, alpha_hat, z_where, H)
     assert boundary_sum is None
     assert torch.isfinite(fg).all() and torch.isfinite(alpha_map).all()
     assert_close(fg, ref_fg, "fg")
@@ -191,7 +179,7 @@ def test_compose_non_finite_boxes_give_what_the_reference_gives():
     z_where[0, 3, 0] = float("nan")
     maps = glimpse_maps(B, G * G, h, gen)
     fast = compose(*maps[:3], z_where, H, maps[3])
-    ref = reference_compose(*maps[:3], z_where, H, maps[3])
+    ref = compose_reference(*maps[:3], z_where, H, maps[3])[:3]
     for f, r in zip(fast, ref):
         assert torch.equal(torch.isnan(f), torch.isnan(r))
 

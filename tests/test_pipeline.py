@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import ORIGINAL_NAMES, ROOT
-from space.config import ORIGINAL_CONFIGS, ModelConfig, TrainConfig, to_dict
+from space.config import ORIGINAL_CONFIGS, ModelConfig, TrainConfig
 from space.experiment import active_experiments, load_experiment
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -1,13 +1,10 @@
 """Training loop: exact resume after SIGKILL, non-finite steps, checkpoint retention."""
-import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
