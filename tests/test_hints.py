@@ -1,6 +1,5 @@
 import math
 
-
 from space.data import Obj3dDataset, generate_rooms
 from space.hints import main, suggest
 
