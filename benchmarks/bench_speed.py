@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python benchmarks/bench_speed.py [--configs 3d_room_small atari_spaceinvaders rooms]
            [--batch 12] [--steps 5] [--warmup 1] [--threads 2] [--tasks train infer]
-           [--paths reference fast fast+lowmem] [--scale-bias 0] [--no-memory] [--thp] [--json FILE]
+           [--paths reference fast fast+lowmem] [--scale-bias 0] [--no-memory] [--thp] [--malloc default]
+           [--json FILE]
 
 Variants, all built with the same seed and fed the same random 128 x 128 batch (priors of step 5000);
 ``rooms``, the default experiment of params.yaml, runs at its own size, batch and optimisers.
@@ -44,7 +45,10 @@ The subprocesses get OMP_WAIT_POLICY=PASSIVE unless the variable is already set:
 shared with other jobs, OpenMP threads that spin while waiting for a descheduled partner slow
 every parallel operation by milliseconds (much more so for code with many small operations),
 which measures the machine's load more than the code. ``--thp`` sets THP_MEM_ALLOC_ENABLE=1
-(transparent huge pages in PyTorch's CPU allocator) in the subprocesses.
+(transparent huge pages in PyTorch's CPU allocator) in the subprocesses. ``--malloc heap`` makes
+every subprocess call ``space.allocator.retain_freed_memory()`` first, as the train stage does
+on CPU (``train.cpu_allocator``); the default, ``--malloc default``, leaves malloc as it is.
+Either applies to all variants alike.
 """
 from __future__ import annotations
 
@@ -146,7 +150,7 @@ def memory_worker(config: str, path: str, task: str, batch: int, warmup: int, sc
 def run_child(args: argparse.Namespace, *worker_args: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", *worker_args, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--scale-bias", str(args.scale_bias),
-           "--paths", *args.paths]
+           "--malloc", args.malloc, "--paths", *args.paths]
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.thp:
@@ -172,11 +176,18 @@ def main() -> None:
                         help="added to the z_scale mean head's bias: boxes are about half the image at "
                              "initialisation (0); -2 gives boxes of ~12%% of it, as a trained model's")
     parser.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 in the subprocesses")
+    parser.add_argument("--malloc", choices=["default", "heap"], default="default",
+                        help="heap: the subprocesses keep freed memory (space.allocator, as the train stage on CPU)")
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         import torch
+
+        from space.allocator import retain_freed_memory
+
+        if args.malloc == "heap" and not retain_freed_memory():
+            raise SystemExit("--malloc heap: mallopt is not available here")
 
         torch.set_num_threads(args.threads)
         kind, *rest = args.worker
@@ -190,7 +201,7 @@ def main() -> None:
     print(f"batch {args.batch}, 128 x 128 (params.yaml experiments: their own), torch threads {args.threads}, median of {args.steps} steps after "
           f"{args.warmup} warm-up, z_scale bias {args.scale_bias:+g}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, "
-          f"THP_MEM_ALLOC_ENABLE={'1' if args.thp else 'unset'}", flush=True)
+          f"THP_MEM_ALLOC_ENABLE={'1' if args.thp else 'unset'}, malloc {args.malloc}", flush=True)
     results: dict = {}
     for config in args.configs:
         for task in args.tasks:

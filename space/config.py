@@ -183,6 +183,7 @@ class TrainConfig:
     sync_batchnorm: bool = True  # under DDP, BatchNorm statistics over the global batch (no effect in one process)
     amp: str = "none"  # or 'bf16': autocast around the forward (changes numerics slightly)
     compile: bool = False  # torch.compile the forward (same maths, rounding may differ)
+    cpu_allocator: str = "heap"  # on CPU, keep freed memory in the process (space/allocator.py); or 'default'
     latent_mode: str = "sample"  # the original's; 'deterministic' takes latents at their means (no noise)
 
     def __post_init__(self) -> None:
@@ -223,12 +224,15 @@ class TrainConfig:
             _bad("train.nproc_per_node", self.nproc_per_node, "an integer >= 1")
         if self.amp not in AMP_MODES:
             _bad("train.amp", self.amp, " or ".join(repr(m) for m in AMP_MODES))
+        if self.cpu_allocator not in CPU_ALLOCATORS:
+            _bad("train.cpu_allocator", self.cpu_allocator, " or ".join(repr(m) for m in CPU_ALLOCATORS))
         if self.latent_mode not in ("sample", "deterministic"):
             _bad("train.latent_mode", self.latent_mode, "'sample' or 'deterministic'")
 
 
 OPTIMIZERS = ("Adam", "RMSprop", "SGD", "AdamW")
 AMP_MODES = ("none", "bf16")
+CPU_ALLOCATORS = ("heap", "default")  # space/allocator.py
 # Validation metric -> True when higher is better.
 BEST_METRICS = {"ap_50": True, "ap_avg": True, "count_error_rate": False, "count_accuracy": True}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import space
+from space.allocator import retain_freed_memory
 from space.cli import stage_main
 from space.evaluation import resolve_device
 from space.experiment import build_dataset, data_identity, load_experiment
@@ -55,6 +56,8 @@ def main(args):
             curves.parent.mkdir(parents=True, exist_ok=True)
             curves.write_text("step,loss\n")
         return
+    if exp.train.cpu_allocator == "heap" and resolve_device(exp.train.device).type == "cpu":
+        retain_freed_memory()  # no page faults for the large per-step tensors (space/allocator.py)
     if exp.train.nproc_per_node > 1 and not under_torchrun():
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return
