@@ -1,5 +1,6 @@
 """space.allocator: with freed memory retained, re-allocating a large tensor takes no new pages."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -28,11 +29,13 @@ def _faults_of_the_last_ten_allocations(mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's settings are glibc's")
 def test_retained_memory_is_reused_without_page_faults():
     default, heap = _faults_of_the_last_ten_allocations("default"), _faults_of_the_last_ten_allocations("heap")
-    # malloc's own behaviour: each freed 64 MiB goes back to the kernel and is faulted in afresh.
-    assert default > 10 * 16384 * 0.9, default
+    # malloc's own behaviour: each freed 64 MiB goes back to the kernel and is faulted in afresh,
+    # 4 KiB at a time, unless the kernel backs every large mapping with huge pages (THP 'always').
+    if default < 10 * 16384 * 0.9:
+        pytest.skip(f"{default} faults for 640 MiB: this kernel maps them with huge pages; nothing to save")
     # Retained: torch's aligned allocations leave a few freed blocks unused at first (the heap grew
     # by six blocks here), then they are reused without a fault.
     assert heap < 2000, heap
