@@ -184,6 +184,7 @@ class TrainConfig:
     amp: str = "none"  # or 'bf16': autocast around the forward (changes numerics slightly)
     compile: bool = False  # torch.compile the forward (same maths, rounding may differ)
     cpu_allocator: str = "heap"  # on CPU, keep freed memory in the process (space/allocator.py); or 'default'
+    flush_denormal: bool = False  # on CPU, flush denormal floats to zero (space/allocator.py; changes values slightly)
     latent_mode: str = "sample"  # the original's; 'deterministic' takes latents at their means (no noise)
 
     def __post_init__(self) -> None:

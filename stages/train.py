@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import space
-from space.allocator import retain_freed_memory
+from space.allocator import flush_denormals, retain_freed_memory
 from space.cli import stage_main
 from space.evaluation import resolve_device
 from space.experiment import build_dataset, data_identity, load_experiment
@@ -58,6 +58,8 @@ def main(args):
         return
     if exp.train.cpu_allocator == "heap" and resolve_device(exp.train.device).type == "cpu":
         retain_freed_memory()  # no page faults for the large per-step tensors (space/allocator.py)
+    if exp.train.flush_denormal and resolve_device(exp.train.device).type == "cpu":
+        flush_denormals()  # before torch's worker threads start, which inherit it (space/allocator.py)
     if exp.train.nproc_per_node > 1 and not under_torchrun():
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return

@@ -45,3 +45,36 @@ def test_cpu_allocator_is_checked():
     assert TrainConfig().cpu_allocator == "heap"
     with pytest.raises(ValueError, match="train.cpu_allocator"):
         TrainConfig(cpu_allocator="jemalloc")
+
+
+DENORMALS = """
+import sys
+import torch
+from space.allocator import flush_denormals
+if sys.argv[1] == "flush" and not flush_denormals():
+    print("unsupported")
+    raise SystemExit
+torch.set_num_threads(2)
+# 1e-40 is denormal in float32; 2**20 elements are split between both threads of the pool.
+y = torch.full((2 ** 20,), 1e-30) * 1e-10
+print(int((y != 0).sum()))
+"""
+
+
+def _denormals_left(mode: str) -> str:
+    out = subprocess.run([sys.executable, "-c", DENORMALS, mode], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_flush_denormals_reaches_the_worker_threads():
+    assert _denormals_left("none") == str(2 ** 20)  # the control: denormals are computed as such
+    left = _denormals_left("flush")
+    if left == "unsupported":
+        pytest.skip("this CPU has no flush-to-zero mode")
+    assert left == "0", left  # set before the pool started, so every thread flushes
+
+
+def test_flush_denormal_is_checked():
+    assert TrainConfig().flush_denormal is False
+    with pytest.raises(ValueError, match="train.flush_denormal"):
+        TrainConfig(flush_denormal="yes")
