@@ -1,4 +1,7 @@
-"""Keep freed memory in the process: on CPU, page faults otherwise take half a large training step.
+"""CPU process settings for training: keep freed memory (:func:`retain_freed_memory`), and
+optionally flush denormal floats to zero (:func:`flush_denormals`, at the end of this module).
+
+Keep freed memory in the process: on CPU, page faults otherwise take half a large training step.
 
 glibc's malloc serves every allocation above its mmap threshold (at most 32 MiB) with fresh pages
 from the kernel and gives them back when the tensor is freed. SPACE at 128 x 128 allocates

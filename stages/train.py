@@ -56,9 +56,10 @@ def main(args):
             curves.parent.mkdir(parents=True, exist_ok=True)
             curves.write_text("step,loss\n")
         return
-    if exp.train.cpu_allocator == "heap" and resolve_device(exp.train.device).type == "cpu":
+    on_cpu = resolve_device(exp.train.device).type == "cpu"
+    if on_cpu and exp.train.cpu_allocator == "heap":
         retain_freed_memory()  # no page faults for the large per-step tensors (space/allocator.py)
-    if exp.train.flush_denormal and resolve_device(exp.train.device).type == "cpu":
+    if on_cpu and exp.train.flush_denormal:
         flush_denormals()  # before torch's worker threads start, which inherit it (space/allocator.py)
     if exp.train.nproc_per_node > 1 and not under_torchrun():
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
