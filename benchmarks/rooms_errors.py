@@ -42,6 +42,8 @@ def main() -> None:
     ratios, shown = [], []
     extra = {"prob": [], "iou": [], "alpha": []}
     kept_alpha = []
+    by_side = []  # (largest true object's side in pixels, count difference) per image
+    dup_sides, all_sides = [], []  # side (pixels) of the true object an extra box overlaps most; of all
     with torch.no_grad():
         for start in range(0, len(data), 50):
             index = range(start, min(start + 50, len(data)))
@@ -53,6 +55,10 @@ def main() -> None:
                 gt, pred = np.asarray(data.boxes(i)), boxes[k][prob[k] > 0.5]
                 total += len(gt)
                 diff = len(pred) - len(gt)
+                sides = np.sqrt((gt[:, 1] - gt[:, 0]) * (gt[:, 3] - gt[:, 2])) * size if len(gt) else np.zeros(0)
+                all_sides += list(sides)
+                if len(gt):
+                    by_side.append((sides.max(), diff))
                 counts["right" if diff == 0 else "over" if diff > 0 else "under"] += 1
                 iou = iou_matrix(pred, gt) if len(pred) and len(gt) else np.zeros((len(pred), len(gt)))
                 best_gt = iou.max(0) if len(pred) else np.zeros(len(gt))
@@ -78,6 +84,8 @@ def main() -> None:
                     extra["prob"] += list(prob[k][extras])
                     extra["iou"] += list(between[len(gt):].max(1))
                     extra["alpha"] += list(alpha[k][extras])
+                    if len(gt):
+                        dup_sides += list(sides[iou_matrix(boxes[k][extras], gt).argmax(1)])
                 if len(shown) < 24:
                     shown.append((x[k], gt, boxes[k], prob[k]))
     ratios = np.array(ratios).reshape(-1, 2)
@@ -93,6 +101,16 @@ def main() -> None:
               f"{np.percentile(extra['prob'], q).round(3)}, IoU with the nearest other present box "
               f"{np.percentile(extra['iou'], q).round(2)}, mean glimpse alpha {np.percentile(extra['alpha'], q).round(2)} "
               f"(the other present boxes: {np.percentile(kept_alpha, q).round(2)})")
+    if by_side:
+        side, diff = np.array(by_side).T
+        edges = np.percentile(side, [0, 25, 50, 75, 100])
+        print("images by their largest true object's side (pixels): over / under / images")
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (side >= lo) & (side <= hi) if hi == edges[-1] else (side >= lo) & (side < hi)
+            print(f"  {lo:5.1f}-{hi:5.1f}: {int((diff[sel] > 0).sum())} / {int((diff[sel] < 0).sum())} / {int(sel.sum())}")
+    if dup_sides:
+        print(f"side (pixels) of the true object each extra box overlaps most: median {np.median(dup_sides):.1f} "
+              f"(all true objects: median {np.median(all_sides):.1f})")
     if args.figure:
         draw(shown, size, args.figure)
 

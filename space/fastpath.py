@@ -18,8 +18,9 @@ This module computes the same functions without those redundancies:
   matrix product with z and one convolution of the coordinate channels shared by all samples
   (the rest runs in channels_last format, with in-place ELUs).
 * :func:`run_in_chunks`: the per-glimpse networks (z_what encoder, glimpse decoder) treat every
-  glimpse independently, so they can run on chunks of glimpses, checkpointed: at most one
-  chunk's activations are kept. :func:`run_checkpointed` does the same for one call (meant for
+  glimpse independently, so they run on chunks of glimpses (faster on CPU: each chunk's memory
+  comes from malloc's heap instead of fresh pages), checkpointed under ``model.low_memory``: at
+  most one chunk's activations are kept. :func:`run_checkpointed` does the same for one call (meant for
   the background's mask decoder, image encoder and component encoder).
 
 ``model.low_memory`` (off by default) turns the recomputation on everywhere it is exact: glimpse
@@ -423,7 +424,18 @@ def _recompute_safe(fn, layers: list[nn.Module]):
 # 4. Per-glimpse networks in chunks
 # --------------------------------------------------------------------------------------------
 
-GLIMPSE_CHUNK = 256  # glimpses per chunk for z_what_net and glimpse_dec (see run_in_chunks)
+GLIMPSE_CHUNK = 256  # glimpses per checkpointed chunk of z_what_net and glimpse_dec under model.low_memory
+# Largest activation of one chunk on the fast path without low_memory: glibc's malloc serves
+# blocks below its mmap threshold (which rises to at most 32 MiB) from its heap and maps larger
+# ones afresh, page by page, at every allocation (see run_in_chunks).
+CHUNK_BYTES = 16 * 2**20
+
+
+def glimpse_chunk_size(glimpse_size: int, channels: int) -> int:
+    """Glimpses per chunk such that a float32 activation of ``channels`` at the glimpse's full
+    resolution (the widest activations of both glimpse networks) takes at most CHUNK_BYTES:
+    256 for the original's 32-pixel glimpses and 16 channels, 1024 for 16-pixel glimpses."""
+    return max(1, CHUNK_BYTES // (4 * channels * glimpse_size * glimpse_size))
 
 
 def _couples_samples(module: nn.Module) -> bool:
@@ -431,26 +443,35 @@ def _couples_samples(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | None) -> tuple[torch.Tensor, ...]:
+def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | None,
+                  recompute: bool = True) -> tuple[torch.Tensor, ...]:
     """``module(inputs)`` for a network that treats every sample independently, chunk by chunk.
 
     SPACE's per-glimpse networks (ZWhatEnc, GlimpseDec) are convolutions, CELU, GroupNorm (with
     per-sample statistics), Linear and PixelShuffle: sample i of the output depends on sample i
     of the input only, so running the batch in chunks and concatenating gives the same values
     (the convolutions may block their sums differently for another batch size: rounding).
-    With gradients enabled each chunk is checkpointed (torch.utils.checkpoint, non-reentrant):
-    only its input is kept, and its forward is recomputed during the backward, so at most one
-    chunk's activations are alive instead of all B*N glimpses'. The recomputation is exact: the
-    networks draw no random numbers and have no running statistics. On CPU the small chunks are
-    also cache-friendly, which paid for the recomputation in benchmarks/bench_speed.py (but
-    with actively spinning OpenMP threads on an oversubscribed machine every extra operation
-    costs milliseconds, and chunking loses). Networks with BatchNorm, and batches no larger
-    than one chunk, run whole.
+
+    Chunks are faster on CPU even with every activation kept: at G = 16 (3072 glimpses of
+    32 x 32) one layer's activations are 200 MiB or more, which glibc's malloc maps afresh from the
+    kernel at every allocation and gives back when freed, so each step faults them in again, page
+    by page; a chunk's are below malloc's mmap threshold and come from (and return to) its heap.
+    On one 2-core machine the two networks' forward and backward over 3072 glimpses took 12.7 s
+    whole, 3.9 s in chunks of 256 (16 MiB per activation), 6.1 s in chunks of 512 (32 MiB, over
+    the threshold) and 3.8 s whole with ``space.allocator.retain_freed_memory``.
+    :func:`glimpse_chunk_size` picks the chunk for the fast path.
+
+    With ``recompute`` (``model.low_memory``) and gradients enabled each chunk is also
+    checkpointed (torch.utils.checkpoint, non-reentrant): only its input is kept, and its forward
+    is recomputed during the backward, so at most one chunk's activations are alive instead of
+    all B*N glimpses'. The recomputation is exact: the networks draw no random numbers and have no
+    running statistics. Networks with BatchNorm, and batches no larger than one chunk, run whole.
 
     Args:
         module: a network returning a tensor or a tuple of tensors, each with the batch first.
         inputs: (M, ...) batch.
         chunk_size: samples per chunk; None or 0 runs the whole batch at once.
+        recompute: checkpoint each chunk when gradients are enabled.
     Returns:
         the module's outputs as a tuple, concatenated over chunks.
     """
@@ -459,7 +480,7 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
 
     if not chunk_size or inputs.size(0) <= chunk_size or _couples_samples(module):
         return as_tuple(module(inputs))
-    if torch.is_grad_enabled():
+    if recompute and torch.is_grad_enabled():
         outs = [as_tuple(checkpoint(module, chunk, use_reentrant=False, preserve_rng_state=False))
                 for chunk in inputs.split(chunk_size)]
     else:

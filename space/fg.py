@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .distributions import bernoulli_kl, normal_kl, normal_log_prob, normal_sample, relaxed_bernoulli_logit_sample
-from .fastpath import GLIMPSE_CHUNK, compose, crop_glimpses_batched, run_in_chunks
+from .fastpath import GLIMPSE_CHUNK, compose, crop_glimpses_batched, glimpse_chunk_size, run_in_chunks
 from .geometry import compose_reference, crop_glimpses
 from .layers import conv_celu_gn, scaled, upsample_block
 from .schedules import Priors
@@ -195,8 +195,16 @@ class SpaceFg(nn.Module):
         width = round(BOUNDARY_WIDTH_32 * cfg.glimpse_size / 32) if cfg.boundary_width is None else cfg.boundary_width
         self.register_buffer("boundary_kernel", boundary_kernel(cfg.glimpse_size, width), persistent=False)
         # Glimpses per chunk of z_what_net and glimpse_dec (fastpath.run_in_chunks); None runs all
-        # B*N at once. Chunked (and recomputed in the backward) under model.low_memory only.
-        self.glimpse_chunk = GLIMPSE_CHUNK if cfg.fast_path and cfg.low_memory else None
+        # B*N at once (the reference). Chunks of at most 16 MiB per activation on the fast path
+        # (256 glimpses of 32 pixels; the default experiment's 1024 of 16 pixels run whole), of
+        # GLIMPSE_CHUNK recomputed in the backward under model.low_memory.
+        if not cfg.fast_path:
+            self.glimpse_chunk = None
+        elif cfg.low_memory:
+            self.glimpse_chunk = GLIMPSE_CHUNK
+        else:
+            self.glimpse_chunk = glimpse_chunk_size(cfg.glimpse_size, scaled(16, cfg.fg_width))
+        self.recompute_glimpses = cfg.fast_path and cfg.low_memory
 
     def forward(self, x: torch.Tensor, priors: Priors, deterministic: bool = False) -> FgOutput:
         cfg = self.cfg
@@ -224,11 +232,13 @@ class SpaceFg(nn.Module):
         else:
             x_repeat = torch.repeat_interleave(x, N, dim=0)  # (B*N, 3, H, W): row b*N + n is cell n of image b
             glimpses = crop_glimpses(x_repeat, z_where.reshape(B * N, 4), h)  # (B*N, 3, h, w)
-        z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, self.glimpse_chunk)
+        z_what_mean, z_what_std = run_in_chunks(self.z_what_net, glimpses, self.glimpse_chunk,
+                                                self.recompute_glimpses)
         z_what = normal_sample(z_what_mean, z_what_std, deterministic)  # (B*N, D)
 
         # 3. Decode glimpses.
-        o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, self.glimpse_chunk)  # (B*N, 3, h, w), (B*N, 1, h, w)
+        o_att, alpha_att = run_in_chunks(self.glimpse_dec, z_what, self.glimpse_chunk,
+                                         self.recompute_glimpses)  # (B*N, 3, h, w), (B*N, 1, h, w)
         alpha_att_hat = alpha_att * z_pres.reshape(B * N, 1, 1, 1)
         y_att = alpha_att_hat * o_att
         importance = alpha_att_hat * IMPORTANCE_SCALE * torch.sigmoid(-z_depth.reshape(B * N, 1, 1, 1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from space.bg import CompDecoder, MaskDecoder
-from space.config import ModelConfig
-from space.fastpath import compose, crop_glimpses_batched, run_checkpointed, run_in_chunks, spatial_broadcast_decode
+from space.config import ModelConfig, original_config
+from space.experiment import load_experiment
+from space.fastpath import (GLIMPSE_CHUNK, compose, crop_glimpses_batched, glimpse_chunk_size, run_checkpointed,
+                            run_in_chunks, spatial_broadcast_decode)
 from space.fg import SpaceFg
 from space.geometry import compose_reference, crop_glimpses
 from space.model import Space
 from space.schedules import priors_at
 
+ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
 # The float32 z_where gradient of compose only. It sums the sampling-grid gradient over up to H*W
 # pixels per box, in another order than affine_grid's backward, and for tiny boxes (s ~ 1e-3,
@@ -233,17 +237,36 @@ def test_run_in_chunks_equals_whole_batch_with_gradients():
     fg = SpaceFg(reference_config(image_size=64, G=8, fg_width=0.25))
     z = torch.randn(37, 32, requires_grad=True)
     ref = fg.glimpse_dec(z)
-    fast = run_in_chunks(fg.glimpse_dec, z, 10)
-    for f, r in zip(fast, ref):
-        assert_close(f, r)
     params = [z, *fg.glimpse_dec.parameters()]
-    ref_grads = torch.autograd.grad(sum(t.square().sum() for t in ref), params)
-    fast_grads = torch.autograd.grad(sum(t.square().sum() for t in fast), params)
-    for f, r in zip(fast_grads, ref_grads):
-        assert_close(f, r)
+    ref_grads = torch.autograd.grad(sum(t.square().sum() for t in ref), params, retain_graph=True)
+    for recompute in (True, False):
+        fast = run_in_chunks(fg.glimpse_dec, z, 10, recompute)
+        for f, r in zip(fast, ref):
+            assert_close(f, r)
+        fast_grads = torch.autograd.grad(sum(t.square().sum() for t in fast), params)
+        for f, r in zip(fast_grads, ref_grads):
+            assert_close(f, r)
     bn = nn.BatchNorm1d(4)  # couples samples: must run whole
     x = torch.randn(9, 4)
     assert torch.equal(run_in_chunks(bn, x, 2)[0], nn.BatchNorm1d(4)(x))
+
+
+def test_glimpse_chunks_stay_below_the_malloc_threshold_and_the_default_runs_whole():
+    assert glimpse_chunk_size(32, 16) == 256  # the original's glimpses: 16 MiB per activation
+    assert glimpse_chunk_size(16, 8) == 2048  # the default experiment (fg_width 0.5)
+    assert glimpse_chunk_size(256, 64) == 1
+    for name, cells in (("atari_spaceinvaders", 256), ("3d_room_small", 64)):
+        model_cfg, train_cfg = original_config(name)
+        fg = SpaceFg(dataclasses.replace(model_cfg, fast_path=True))
+        assert fg.glimpse_chunk == 256 and not fg.recompute_glimpses
+        assert train_cfg.batch_size * cells > fg.glimpse_chunk  # chunked
+        low = SpaceFg(dataclasses.replace(model_cfg, fast_path=True, low_memory=True))
+        assert low.glimpse_chunk == GLIMPSE_CHUNK and low.recompute_glimpses
+        assert SpaceFg(dataclasses.replace(model_cfg, fast_path=False)).glimpse_chunk is None
+    # The default experiment (batch 16, G = 8, 16-pixel glimpses) runs whole, as before chunking.
+    rooms = load_experiment(ROOT / "params.yaml", "rooms")
+    assert rooms.model.fast_path and not rooms.model.low_memory
+    assert rooms.train.batch_size * rooms.model.G ** 2 <= SpaceFg(rooms.model).glimpse_chunk
 
 
 def test_run_checkpointed_mask_decoder_gives_the_same_values_and_gradients():
@@ -267,10 +290,11 @@ def fg_loss(out) -> torch.Tensor:
     return out.fg_likelihood.sum() + out.boundary_loss.sum() + out.kl_fg.sum() + out.alpha_map.square().sum()
 
 
-@pytest.mark.parametrize("G,chunk,deterministic,step", [(8, 48, False, 5000), (4, None, True, 200_000_000)])
-def test_fast_spacefg_matches_the_reference(G, chunk, deterministic, step):
-    """SpaceFg with model.fast_path on (and model.low_memory, glimpses in chunks of ``chunk``,
-    where chunk is set) against the SPEC-literal SpaceFg. Same seed, same draws. float32: every output to 1e-5. float64: outputs and the gradients
+@pytest.mark.parametrize("G,chunk,low_memory,deterministic,step",
+                         [(8, 48, True, False, 5000), (8, 40, False, False, 5000), (4, None, False, True, 200_000_000)])
+def test_fast_spacefg_matches_the_reference(G, chunk, low_memory, deterministic, step):
+    """SpaceFg with model.fast_path on (glimpses in chunks of ``chunk``, or whole where None;
+    recomputed in the backward with ``low_memory``) against the SPEC-literal SpaceFg. Same seed, same draws. float32: every output to 1e-5. float64: outputs and the gradients
     of every parameter to 1e-9, i.e. the same function. (float32 parameter gradients are not
     compared elementwise: some, e.g. a conv bias feeding CELU then a one-channel-per-group
     GroupNorm, are sums of 10^5 terms that cancel to ~1e-3 of their size, so float32 rounding of
@@ -278,7 +302,8 @@ def test_fast_spacefg_matches_the_reference(G, chunk, deterministic, step):
     torch.manual_seed(0)
     cfg = reference_config(image_size=64, G=G, fg_width=0.25)  # narrow networks: the same code, faster
     ref32 = SpaceFg(cfg)
-    fast32 = SpaceFg(dataclasses.replace(cfg, fast_path=True, low_memory=chunk is not None))
+    fast32 = SpaceFg(dataclasses.replace(cfg, fast_path=True, low_memory=low_memory))
+    assert fast32.recompute_glimpses == low_memory
     fast32.load_state_dict(ref32.state_dict())
     fast32.glimpse_chunk = chunk
     priors = priors_at(cfg, step)
