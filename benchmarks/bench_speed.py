@@ -13,8 +13,9 @@ to boxes of ~12% of the image, the size the annealed prior (mean -1 -> -2) drive
 
 * reference: the SPEC-literal modules (``model.fast_path: false``);
 * fast: the default (``model.fast_path: true``): batched glimpse crop, windowed compositing and
-  boundary map, split spatial-broadcast decoder in channels_last (the per-glimpse networks run
-  whole, as in the reference);
+  boundary map, split spatial-broadcast decoder in channels_last, the per-glimpse networks in
+  chunks of at most 16 MiB per activation (``space.fastpath.glimpse_chunk_size``; 256 glimpses
+  of 32 pixels), all activations kept;
 * fast+lowmem: the same with ``model.low_memory: true``: z_what_net and glimpse_dec in
   checkpointed chunks of ``space.fastpath.GLIMPSE_CHUNK`` glimpses, and the composition pieces,
   mask decoder and component-decoder blocks recomputed in the backward.
