@@ -453,13 +453,15 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
     (the convolutions may block their sums differently for another batch size: rounding).
 
     Chunks are faster on CPU even with every activation kept: at G = 16 (3072 glimpses of
-    32 x 32) one layer's activations are 200 MiB or more, which glibc's malloc maps afresh from the
+    32 x 32) one layer's activations are 192 MiB or more, which glibc's malloc maps afresh from the
     kernel at every allocation and gives back when freed, so each step faults them in again, page
     by page; a chunk's are below malloc's mmap threshold and come from (and return to) its heap.
     On one 2-core machine the two networks' forward and backward over 3072 glimpses took 12.7 s
     whole, 3.9 s in chunks of 256 (16 MiB per activation), 6.1 s in chunks of 512 (32 MiB, over
     the threshold) and 3.8 s whole with ``space.allocator.retain_freed_memory``.
-    :func:`glimpse_chunk_size` picks the chunk for the fast path.
+    :func:`glimpse_chunk_size` picks the chunk for the fast path. Without ``recompute``, inputs
+    on other devices run whole: CUDA's caching allocator reuses its blocks, and larger kernels
+    use a GPU better.
 
     With ``recompute`` (``model.low_memory``) and gradients enabled each chunk is also
     checkpointed (torch.utils.checkpoint, non-reentrant): only its input is kept, and its forward
@@ -471,7 +473,8 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
         module: a network returning a tensor or a tuple of tensors, each with the batch first.
         inputs: (M, ...) batch.
         chunk_size: samples per chunk; None or 0 runs the whole batch at once.
-        recompute: checkpoint each chunk when gradients are enabled.
+        recompute: checkpoint each chunk when gradients are enabled (any device); without it,
+            chunks on CPU only.
     Returns:
         the module's outputs as a tuple, concatenated over chunks.
     """
@@ -480,6 +483,8 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
 
     if not chunk_size or inputs.size(0) <= chunk_size or _couples_samples(module):
         return as_tuple(module(inputs))
+    if not recompute and inputs.device.type != "cpu":
+        return as_tuple(module(inputs))  # chunks kept whole pay off only against malloc (CPU)
     if recompute and torch.is_grad_enabled():
         outs = [as_tuple(checkpoint(module, chunk, use_reentrant=False, preserve_rng_state=False))
                 for chunk in inputs.split(chunk_size)]

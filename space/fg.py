@@ -195,8 +195,8 @@ class SpaceFg(nn.Module):
         width = round(BOUNDARY_WIDTH_32 * cfg.glimpse_size / 32) if cfg.boundary_width is None else cfg.boundary_width
         self.register_buffer("boundary_kernel", boundary_kernel(cfg.glimpse_size, width), persistent=False)
         # Glimpses per chunk of z_what_net and glimpse_dec (fastpath.run_in_chunks); None runs all
-        # B*N at once (the reference). Chunks of at most 16 MiB per activation on the fast path
-        # (256 glimpses of 32 pixels; the default experiment's 1024 of 16 pixels run whole), of
+        # B*N at once (the reference). Chunks of at most 16 MiB per activation on the fast path on
+        # CPU (256 glimpses of 32 pixels; the default experiment's 1024 of 16 pixels run whole), of
         # GLIMPSE_CHUNK recomputed in the backward under model.low_memory.
         if not cfg.fast_path:
             self.glimpse_chunk = None

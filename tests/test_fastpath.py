@@ -246,6 +246,14 @@ def test_run_in_chunks_equals_whole_batch_with_gradients():
         fast_grads = torch.autograd.grad(sum(t.square().sum() for t in fast), params)
         for f, r in zip(fast_grads, ref_grads):
             assert_close(f, r)
+    calls = []
+    meta = nn.Linear(4, 4, device="meta")  # another device than the CPU: kept chunks run whole
+    meta.register_forward_hook(lambda module, args, out: calls.append(args[0].size(0)))
+    run_in_chunks(meta, torch.empty(9, 4, device="meta"), 2, recompute=False)
+    assert calls == [9]
+    with torch.no_grad():
+        run_in_chunks(meta, torch.empty(9, 4, device="meta"), 2, recompute=True)
+    assert calls == [9, 2, 2, 2, 2, 1]
     bn = nn.BatchNorm1d(4)  # couples samples: must run whole
     x = torch.randn(9, 4)
     assert torch.equal(run_in_chunks(bn, x, 2)[0], nn.BatchNorm1d(4)(x))
