@@ -481,10 +481,10 @@ def run_in_chunks(module: nn.Module, inputs: torch.Tensor, chunk_size: int | Non
     def as_tuple(out):
         return out if isinstance(out, tuple) else (out,)
 
-    if not chunk_size or inputs.size(0) <= chunk_size or _couples_samples(module):
+    # Chunks kept whole (no recompute) pay off only against malloc, so on CPU only.
+    if (not chunk_size or inputs.size(0) <= chunk_size or _couples_samples(module)
+            or (not recompute and inputs.device.type != "cpu")):
         return as_tuple(module(inputs))
-    if not recompute and inputs.device.type != "cpu":
-        return as_tuple(module(inputs))  # chunks kept whole pay off only against malloc (CPU)
     if recompute and torch.is_grad_enabled():
         outs = [as_tuple(checkpoint(module, chunk, use_reentrant=False, preserve_rng_state=False))
                 for chunk in inputs.split(chunk_size)]
