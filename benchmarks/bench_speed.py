@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/bench_speed.py [--configs 3d_room_small atari_spaceinvaders rooms]
            [--batch 12] [--steps 5] [--warmup 1] [--threads 2] [--tasks train infer]
            [--paths reference fast fast+lowmem] [--scale-bias 0] [--no-memory] [--thp] [--malloc default]
-           [--json FILE]
+           [--device cpu] [--json FILE]
 
 Variants, all built with the same seed and fed the same random 128 x 128 batch (priors of step 5000);
 ``rooms``, the default experiment of params.yaml, runs at its own size, batch and optimisers.
@@ -40,7 +40,10 @@ path.
 
 Memory: one fresh subprocess per (config, task, variant) runs ``--warmup`` + 1 steps and reports
 the growth of its peak resident set (getrusage ru_maxrss) over them: the high-water mark of one
-step, optimiser state included.
+step, optimiser state included. With ``--device cuda``: the peak of CUDA memory allocated by
+tensors (torch.cuda.max_memory_allocated) over those steps, less what the model and batch held
+before them; the step times then end with torch.cuda.synchronize, and the device runs with the
+original's numerics (space.evaluation.use_original_cuda_numerics: full float32, no TF32).
 
 The subprocesses get OMP_WAIT_POLICY=PASSIVE unless the variable is already set: on a machine
 shared with other jobs, OpenMP threads that spin while waiting for a descheduled partner slow
@@ -89,8 +92,8 @@ def _config(config: str, batch: int):
     return exp.model, t.batch_size, dict(fg_optim=t.fg_optim, fg_lr=t.fg_lr, bg_optim=t.bg_optim, bg_lr=t.bg_lr)
 
 
-def _setup(config: str, path: str, batch: int, scale_bias: float):
-    """A model (seed 0) with its optimisers, the batch and the priors."""
+def _setup(config: str, path: str, batch: int, scale_bias: float, device: str = "cpu"):
+    """A model (seed 0) with its optimisers, the batch and the priors, on ``device``."""
     import dataclasses
 
     import torch
@@ -105,7 +108,8 @@ def _setup(config: str, path: str, batch: int, scale_bias: float):
     with torch.no_grad():  # shift the pre-sigmoid z_scale means (x, y): smaller or larger boxes
         model.fg_module.img_encoder.z_scale_net.bias[:2] += scale_bias
     size = model.cfg.image_size
-    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    model.to(device)
     return model, space.build_optimizers(model, **optim), x, space.priors_at(model.cfg, PRIOR_STEP)
 
 
@@ -118,16 +122,19 @@ def _step(task: str, model, optimizers, x, priors, seed: int) -> float:
     torch.manual_seed(seed)
     if task == "train":
         out, _ = train_step(model, optimizers, x, priors, 1.0)
-        return out.loss.item()
-    model.eval()
-    with torch.no_grad():
-        return model(x, priors, mode="deterministic").loss.item()
+    else:
+        model.eval()
+        with torch.no_grad():
+            out = model(x, priors, mode="deterministic")
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return out.loss.item()
 
 
 def time_worker(config: str, task: str, batch: int, steps: int, warmup: int, paths: list[str],
-                scale_bias: float) -> dict:
+                scale_bias: float, device: str) -> dict:
     """All paths in one process, alternating; per-path step times and losses."""
-    setups = {path: _setup(config, path, batch, scale_bias) for path in paths}
+    setups = {path: _setup(config, path, batch, scale_bias, device) for path in paths}
     times: dict = {path: [] for path in paths}
     losses: dict = {path: [] for path in paths}
     for i in range(warmup + steps):
@@ -139,19 +146,29 @@ def time_worker(config: str, task: str, batch: int, steps: int, warmup: int, pat
             "median_s": {path: statistics.median(times[path][warmup:]) for path in paths}}
 
 
-def memory_worker(config: str, path: str, task: str, batch: int, warmup: int, scale_bias: float) -> dict:
-    """Peak RSS growth over warmup + 1 steps of one path, in a fresh process."""
-    setup = _setup(config, path, batch, scale_bias)
-    base = _maxrss_mib()
+def memory_worker(config: str, path: str, task: str, batch: int, warmup: int, scale_bias: float,
+                  device: str) -> dict:
+    """Peak RSS growth (CUDA: peak allocated growth) over warmup + 1 steps of one path, in a fresh process."""
+    import torch
+
+    setup = _setup(config, path, batch, scale_bias, device)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = _maxrss_mib()
     for i in range(warmup + 1):
         _step(task, *setup, seed=1000 + i)
-    return {"peak_mib": _maxrss_mib() - base}
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _maxrss_mib()
+    return {"peak_mib": peak - base}
 
 
 def run_child(args: argparse.Namespace, *worker_args: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", *worker_args, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--scale-bias", str(args.scale_bias),
-           "--malloc", args.malloc, "--paths", *args.paths]
+           "--malloc", args.malloc, "--device", args.device, "--paths", *args.paths]
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.thp:
@@ -179,6 +196,7 @@ def main() -> None:
     parser.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 in the subprocesses")
     parser.add_argument("--malloc", choices=["default", "heap"], default="default",
                         help="heap: the subprocesses keep freed memory (space.allocator, as the train stage on CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the step times then synchronise)")
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,18 +209,23 @@ def main() -> None:
             raise SystemExit("--malloc heap: mallopt is not available here")
 
         torch.set_num_threads(args.threads)
+        if torch.device(args.device).type == "cuda":
+            from space.evaluation import use_original_cuda_numerics
+
+            use_original_cuda_numerics()
         kind, *rest = args.worker
         if kind == "time":
-            result = time_worker(*rest, args.batch, args.steps, args.warmup, args.paths, args.scale_bias)
+            result = time_worker(*rest, args.batch, args.steps, args.warmup, args.paths, args.scale_bias, args.device)
         else:
-            result = memory_worker(*rest, args.batch, args.warmup, args.scale_bias)
+            result = memory_worker(*rest, args.batch, args.warmup, args.scale_bias, args.device)
         print(json.dumps(result))
         return
 
     print(f"batch {args.batch}, 128 x 128 (params.yaml experiments: their own), torch threads {args.threads}, median of {args.steps} steps after "
           f"{args.warmup} warm-up, z_scale bias {args.scale_bias:+g}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, "
-          f"THP_MEM_ALLOC_ENABLE={'1' if args.thp else 'unset'}, malloc {args.malloc}", flush=True)
+          f"THP_MEM_ALLOC_ENABLE={'1' if args.thp else 'unset'}, malloc {args.malloc}, device {args.device}",
+          flush=True)
     results: dict = {}
     for config in args.configs:
         for task in args.tasks:
@@ -214,7 +237,8 @@ def main() -> None:
             if not args.no_memory:
                 for path in args.paths:
                     r["peak_mib"][path] = run_child(args, "memory", config, path, task)["peak_mib"]
-                print(f"  {config} {task} peak RSS growth (MiB): "
+                what = "peak RSS growth" if args.device == "cpu" else "peak allocated growth"
+                print(f"  {config} {task} {what} (MiB): "
                       + ", ".join(f"{path} {mib:.0f}" for path, mib in r["peak_mib"].items()), flush=True)
     print()
     base = args.paths[0]

@@ -64,10 +64,24 @@ def predicted_boxes(out: SpaceOutput) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
+    """'auto' picks CUDA when present, else the CPU. On CUDA, also :func:`use_original_cuda_numerics`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        use_original_cuda_numerics()
+    return resolved
+
+
+def use_original_cuda_numerics() -> None:
+    """The original's GPU settings: cuDNN deterministic, without autotuning (SPEC 0, set with the
+    seed), and full float32: PyTorch 1.3 had no TF32, which modern PyTorch enables by default for
+    cuDNN convolutions on Ampere and later GPUs (10 mantissa bits instead of 23). For speed at
+    slightly different numbers, ``train.amp: bf16`` is the switch."""
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @torch.no_grad()

@@ -398,3 +398,26 @@ def test_accumulator_matches_loop_reference_on_random_data() -> None:
         assert res["ap_by_iou"][float(t)] == expected
         assert average_precision(preds, confs, gts, t) == expected
     assert 0.0 < res["ap_avg"] < 1.0
+
+
+def test_cuda_devices_get_the_original_numerics_and_the_cpu_is_left_alone():
+    """resolve_device: on CUDA, cuDNN deterministic, no autotuning, no TF32 (PyTorch 1.3 had
+    none); the CPU leaves the global flags as they are. The CUDA branch is taken by name alone
+    (no GPU needed: torch.device('cuda') does not touch a device)."""
+    import torch
+
+    from space.evaluation import resolve_device
+
+    flags = [(torch.backends.cudnn, "deterministic"), (torch.backends.cudnn, "benchmark"),
+             (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    try:
+        for obj, name in flags:  # the opposite of what the original wants
+            setattr(obj, name, name != "deterministic")
+        assert resolve_device("cpu") == torch.device("cpu")
+        assert [getattr(obj, name) for obj, name in flags] == [False, True, True, True]
+        assert resolve_device("cuda:1") == torch.device("cuda", 1)
+        assert [getattr(obj, name) for obj, name in flags] == [True, False, False, False]
+    finally:
+        for (obj, name), value in zip(flags, saved):
+            setattr(obj, name, value)
