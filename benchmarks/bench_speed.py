@@ -43,7 +43,7 @@ the growth of its peak resident set (getrusage ru_maxrss) over them: the high-wa
 step, optimiser state included. With ``--device cuda``: the peak of CUDA memory allocated by
 tensors (torch.cuda.max_memory_allocated) over those steps, less what the model and batch held
 before them; the step times then end with torch.cuda.synchronize, and the device runs with the
-original's numerics (space.evaluation.use_original_cuda_numerics: full float32, no TF32).
+original's numerics (space.evaluation.resolve_device: full float32, no TF32), as the stages do.
 
 The subprocesses get OMP_WAIT_POLICY=PASSIVE unless the variable is already set: on a machine
 shared with other jobs, OpenMP threads that spin while waiting for a descheduled partner slow
@@ -209,10 +209,9 @@ def main() -> None:
             raise SystemExit("--malloc heap: mallopt is not available here")
 
         torch.set_num_threads(args.threads)
-        if torch.device(args.device).type == "cuda":
-            from space.evaluation import use_original_cuda_numerics
+        from space.evaluation import resolve_device
 
-            use_original_cuda_numerics()
+        resolve_device(args.device)  # on CUDA: the original's numerics (no TF32), as the stages run
         kind, *rest = args.worker
         if kind == "time":
             result = time_worker(*rest, args.batch, args.steps, args.warmup, args.paths, args.scale_bias, args.device)

@@ -34,12 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import space  # noqa: E402
 from space.evaluation import resolve_device  # noqa: E402
+from space.layers import biases_before_batchnorm  # noqa: E402
 from space.schedules import priors_at  # noqa: E402
 from space.training import autocast  # noqa: E402
 
-# Conv biases followed by a train-mode BatchNorm: their exact gradient is zero, their computed one rounding noise.
-ZERO_GRAD_BIASES = {f"bg_module.{net}.{i}.bias" for net in ("image_enc.enc", "comp_encoder.enc", "comp_decoder.decoder")
-                    for i in (0, 3, 6, 9)}
 FAILURES: list[str] = []
 
 
@@ -65,7 +63,8 @@ def forward_backward(model, x, priors, mode: str, seed: int, amp: str = "none"):
 
 
 def grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None and n not in ZERO_GRAD_BIASES}
+    noise = biases_before_batchnorm(model)  # exact gradient zero: rounding noise on either path
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None and n not in noise}
 
 
 def check_config(name: str, device: torch.device, batch: int) -> None:

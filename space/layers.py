@@ -70,3 +70,21 @@ def pixel_shuffle_decoder(z_dim: int, out_channels: int, stages: list[tuple[int,
     layers += conv_celu_gn(c_in, c_in, 3, 1, 1, 4)
     layers.append(nn.Conv2d(c_in, out_channels, 3, 1, 1))
     return nn.Sequential(*layers)
+
+
+def biases_before_batchnorm(model: nn.Module) -> set[str]:
+    """Names of the conv biases that feed a BatchNorm directly (next in the same nn.Sequential).
+
+    In training mode the BatchNorm subtracts the batch mean, so such a bias has no effect on the
+    output and its exact gradient is zero: what a backward computes for it is rounding noise,
+    which comparisons of gradients between two computations must leave out.
+    """
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (name, layer), (_, following) in zip(children, children[1:]):
+                if (isinstance(layer, nn.Conv2d) and layer.bias is not None
+                        and isinstance(following, nn.modules.batchnorm._BatchNorm)):
+                    names.add(f"{prefix}.{name}.bias" if prefix else f"{name}.bias")
+    return names
