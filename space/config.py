@@ -74,6 +74,11 @@ class ModelConfig:
     # is on, objects stay off the ring, so boxes come out larger than the objects by about
     # glimpse_size / (glimpse_size - 2 * width) at most; a narrower ring allows tighter boxes.
     boundary_width: int | None = None
+    # Beyond the original: how far, in cell widths, a box centre may move from its cell's centre
+    # (SPEC 4.3: tanh of the sample times this). 1.0 is the original's (into the neighbouring
+    # cells); 0.5 keeps the centre inside its own cell, as SPAIR does, so that a neighbouring cell
+    # cannot centre a second box on an object whose centre lies in another cell.
+    shift_range: float = 1.0
     # Background (SPEC 1.2).
     K: int = 5
     bg_sigma: float = 0.15
@@ -127,6 +132,8 @@ class ModelConfig:
             _bad("model.z_what_kl_warmup_start", self.z_what_kl_warmup_start, "a weight in [0, 1]")
         if self.boundary_width is not None and not 0 <= self.boundary_width < self.glimpse_size / 2:
             _bad("model.boundary_width", self.boundary_width, f"null or an integer in [0, glimpse_size / 2 = {self.glimpse_size / 2:g})")
+        if not (0 < self.shift_range <= 1):
+            _bad("model.shift_range", self.shift_range, "a number in (0, 1] (cell widths; 1 is the original's)")
         for key in ("bl_off_step", "fix_alpha_steps", "z_what_kl_warmup_steps"):
             if getattr(self, key) < 0:
                 _bad(f"model.{key}", getattr(self, key), "an integer >= 0")

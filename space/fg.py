@@ -223,7 +223,10 @@ class SpaceFg(nn.Module):
         z_scale = torch.sigmoid(normal_sample(z_scale_mean, z_scale_std, deterministic))  # (B, N, 2)
         z_shift_mean, z_shift_std = shift[..., :2], F.softplus(shift[..., 2:])
         offset = self.img_encoder.offset.permute(1, 2, 0).reshape(N, 2)  # (N, 2): (column, row)
-        z_shift = (2.0 / cfg.G) * (offset + 0.5 + torch.tanh(normal_sample(z_shift_mean, z_shift_std, deterministic))) - 1
+        shift_cells = torch.tanh(normal_sample(z_shift_mean, z_shift_std, deterministic))
+        if cfg.shift_range != 1.0:  # model.shift_range, beyond the original
+            shift_cells = cfg.shift_range * shift_cells
+        z_shift = (2.0 / cfg.G) * (offset + 0.5 + shift_cells) - 1
         z_where = torch.cat((z_scale, z_shift), -1)  # (B, N, 4)
 
         # 2. Crop a glimpse per cell and encode it.

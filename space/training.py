@@ -348,7 +348,8 @@ def train_step(model: Space, optimizers: tuple[torch.optim.Optimizer, torch.opti
 
 
 #: Model keys added after run ids were first written: they enter the id only at other values.
-_MODEL_KEYS_BEYOND_ORIGINAL = {"z_what_kl_warmup_steps": 0, "z_what_kl_warmup_start": 0.0, "boundary_width": None}
+_MODEL_KEYS_BEYOND_ORIGINAL = {"z_what_kl_warmup_steps": 0, "z_what_kl_warmup_start": 0.0, "boundary_width": None,
+                              "shift_range": 1.0}
 
 
 def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None,

@@ -296,9 +296,10 @@ def fg_loss(out) -> torch.Tensor:
     return out.fg_likelihood.sum() + out.boundary_loss.sum() + out.kl_fg.sum() + out.alpha_map.square().sum()
 
 
-@pytest.mark.parametrize("G,chunk,low_memory,deterministic,step",
-                         [(8, 48, True, False, 5000), (8, 40, False, False, 5000), (4, None, False, True, 200_000_000)])
-def test_fast_spacefg_matches_the_reference(G, chunk, low_memory, deterministic, step):
+@pytest.mark.parametrize("G,chunk,low_memory,deterministic,step,shift_range",
+                         [(8, 48, True, False, 5000, 1.0), (8, 40, False, False, 5000, 1.0),
+                          (4, None, False, True, 200_000_000, 1.0), (8, None, False, False, 5000, 0.5)])
+def test_fast_spacefg_matches_the_reference(G, chunk, low_memory, deterministic, step, shift_range):
     """SpaceFg with model.fast_path on (glimpses in chunks of ``chunk``, or whole where None;
     recomputed in the backward with ``low_memory``) against the SPEC-literal SpaceFg. Same seed, same draws. float32: every output to 1e-5. float64: outputs and the gradients
     of every parameter to 1e-9, i.e. the same function. (float32 parameter gradients are not
@@ -306,7 +307,7 @@ def test_fast_spacefg_matches_the_reference(G, chunk, low_memory, deterministic,
     GroupNorm, are sums of 10^5 terms that cancel to ~1e-3 of their size, so float32 rounding of
     the cotangents moves them by percents on either path.)"""
     torch.manual_seed(0)
-    cfg = reference_config(image_size=64, G=G, fg_width=0.25)  # narrow networks: the same code, faster
+    cfg = reference_config(image_size=64, G=G, fg_width=0.25, shift_range=shift_range)  # narrow: faster
     ref32 = SpaceFg(cfg)
     fast32 = SpaceFg(dataclasses.replace(cfg, fast_path=True, low_memory=low_memory))
     assert fast32.recompute_glimpses == low_memory

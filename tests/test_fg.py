@@ -3,6 +3,7 @@ import torch
 
 from space.config import ModelConfig
 from space.fg import BOUNDARY_VALUE, SpaceFg, boundary_kernel
+from space.schedules import priors_at
 
 
 def test_boundary_kernel_by_hand():
@@ -37,3 +38,20 @@ def test_offset_buffer_is_column_then_row():
     offset = fg.img_encoder.offset
     assert offset.shape == (2, 4, 4)
     assert offset[0, 1, 3] == 3 and offset[1, 1, 3] == 1  # (x = column, y = row)
+
+
+@pytest.mark.parametrize("shift_range,reach", [(1.0, 1.0), (0.5, 0.5)])
+def test_shift_range_bounds_how_far_a_box_centre_leaves_its_cell(shift_range, reach):
+    """Box centres lie within shift_range cell widths of their cell's centre (SPEC 4.3 at 1.0)."""
+    torch.manual_seed(0)
+    G, size = 4, 64
+    fg = SpaceFg(ModelConfig(G=G, image_size=size, glimpse_size=16, fg_width=0.25, shift_range=shift_range))
+    with torch.no_grad():  # push the shift heads' means far out so that tanh saturates
+        fg.img_encoder.z_shift_net.bias[:2] = 30.0
+        fg.img_encoder.z_shift_net.weight.zero_()
+        out = fg(torch.rand(2, 3, size, size), priors_at(ModelConfig(), 0), deterministic=True)
+    centre_cells = (out.z_where[..., 2:] + 1) / 2 * G  # in cell widths from the image's edge
+    offset = fg.img_encoder.offset.permute(1, 2, 0).reshape(G * G, 2)
+    assert torch.allclose(centre_cells - (offset + 0.5), torch.full_like(centre_cells, reach), atol=1e-5)
+    with pytest.raises(ValueError, match="model.shift_range"):
+        ModelConfig(shift_range=1.5)
