@@ -4,7 +4,7 @@ Trains the experiment of params.yaml with `section.key=value` overrides (section
 train of `exp.<experiment>`) into runs/tune/<name>/, validating every `train.eval_every` steps,
 then prints each validation row (step, AP50, mean AP, count accuracy) and the best AP50.
 The default experiment's settings were chosen from runs like these (seed 1, one run per
-setting; README "The default experiment"), for example:
+setting; benchmarks/README.md "Tuning the default experiment"), for example:
 
     .venv/bin/python benchmarks/tune_rooms.py Y1 --threads 2 data.walls=back data.root=data/rooms64vb \
         model.bl_off_step=1500 model.z_scale_mean_end_value=-2.0
