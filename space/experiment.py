@@ -3,7 +3,8 @@
 Layout of params.yaml::
 
     experiments: [rooms]          # active experiments (dvc.yaml foreach)
-    train: {seed: null, ...}      # overrides applied to every experiment where not null
+    model: {low_memory: null, ...}  # overrides applied to every active experiment where not null
+    train: {seed: null, ...}      # likewise
     evaluate: {...}               # evaluation settings
     demo: {...}                   # demo figure settings
     exp:
@@ -104,13 +105,30 @@ def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experi
     if unknown:
         raise ValueError(f"unknown key(s) in 'exp.{name}': {', '.join(unknown)}; allowed keys: {', '.join(sorted(allowed))}")
     data = from_dict(DataConfig, entry.get("data"), f"exp.{name}.data")
-    model = from_dict(ModelConfig, entry.get("model"), f"exp.{name}.model")
-    train_values = dict(entry.get("train") or {})
-    for key, value in (params.get("train") or {}).items():  # global overrides where not null
-        if value is not None:
-            train_values[key] = value
-    train = from_dict(TrainConfig, train_values, f"exp.{name}.train")
+    model = from_dict(ModelConfig, _overridden(entry, params, "model"), f"exp.{name}.model")
+    train = from_dict(TrainConfig, _overridden(entry, params, "train"), f"exp.{name}.train")
     return Experiment(name, data, model, train, entry.get("pretrained"), entry.get("original"))
+
+
+#: Model keys that the top-level 'model' section may set for every experiment: they change how
+#: the model is computed, not its values (the data stage and the run id do not depend on them).
+GLOBAL_MODEL_KEYS = frozenset({"fast_path", "low_memory"})
+
+
+def _overridden(entry: Mapping[str, Any], params: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """An experiment's ``section`` with the top-level section of the same name laid over it, key by
+    key where not null. ``dvc exp run -S`` cannot address ``exp.3d_room_large...`` (Hydra's
+    override grammar rejects a key that starts with a digit), so the top-level sections are how
+    the command line reaches every experiment, e.g. ``-S model.low_memory=true``."""
+    overrides = params.get(section) or {}
+    if section == "model" and set(overrides) - GLOBAL_MODEL_KEYS:
+        raise ValueError(f"unknown key(s) in the top-level 'model' of params.yaml: "
+                         f"{', '.join(sorted(set(overrides) - GLOBAL_MODEL_KEYS))}; allowed: "
+                         f"{', '.join(sorted(GLOBAL_MODEL_KEYS))} (how to compute, the same values; set "
+                         f"what to compute under exp.<name>.model)")
+    values = dict(entry.get(section) or {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
 
 
 def active_experiments(params: Mapping[str, Any]) -> list[str]:

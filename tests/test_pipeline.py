@@ -1,5 +1,6 @@
 """Each original experiment runs through its stages on a CPU with a smoke override (few steps,
 a few generated images in its data layout), and the default experiment's params are valid."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -70,6 +71,38 @@ def test_params_hold_the_originals_values(name):
     for key in ("seed", "batch_size", "max_steps", "max_ckpt", "clip_norm", "fg_optim", "fg_lr", "bg_optim",
                 "bg_lr", "eval_on", "print_every", "save_every", "eval_every"):
         assert getattr(exp.train, key) == getattr(original_train, key), key
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS["exp"]))
+def test_every_experiment_has_the_params_its_dvc_stages_declare(name):
+    """DVC refuses to run a stage whose declared parameter is missing from params.yaml
+    ("Parameters 'exp.<name>.model.image_size' are missing"), before any of our code runs, so
+    every experiment must carry every key that dvc.yaml's stages list for it."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = {key.replace("${item}", name) for stage in stages.values() for key in stage["do"].get("params", [])}
+    assert "exp.%s.model.image_size" % name in declared  # the key that was missing once
+    for key in sorted(declared):
+        node = PARAMS
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"params.yaml lacks {key!r}, which dvc.yaml declares"
+            node = node[part]
+
+
+def test_top_level_sections_override_every_experiment_where_not_null():
+    """`dvc exp run -S` cannot address exp.3d_room_large... (a key that starts with a digit), so the
+    top-level 'model' and 'train' sections reach every experiment; 'model' only for how to compute."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert all(value is None for value in params["model"].values())  # the default changes nothing
+    before = load_experiment(params, "3d_room_large")
+    params["model"]["low_memory"] = True
+    params["train"]["seed"] = 7
+    for name in ("3d_room_large", "rooms"):
+        exp = load_experiment(params, name)
+        assert exp.model.low_memory and exp.train.seed == 7
+    assert dataclasses.replace(before.model, low_memory=True) == load_experiment(params, "3d_room_large").model
+    params["model"]["K"] = 3
+    with pytest.raises(ValueError, match=r"top-level 'model' of params.yaml: K; allowed: fast_path, low_memory"):
+        load_experiment(params, "rooms")
 
 
 def test_default_experiments_run_offline():
