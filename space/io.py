@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON (indent 2) atomically."""
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n"))
+
+
+def nulls_for_non_finite(data: Any, prefix: str = "") -> tuple[Any, list[str]]:
+    """``data`` with every NaN or infinite float (in nested dicts and lists) replaced by None, which
+    JSON writes as null, and the dotted keys of those replaced."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None, [prefix or "(value)"]
+    if isinstance(data, dict):
+        pairs = [(k, nulls_for_non_finite(v, f"{prefix}.{k}" if prefix else str(k))) for k, v in data.items()]
+        return {k: v for k, (v, _) in pairs}, [key for _, (_, keys) in pairs for key in keys]
+    if isinstance(data, (list, tuple)):
+        items = [nulls_for_non_finite(v, f"{prefix}[{i}]") for i, v in enumerate(data)]
+        return [v for v, _ in items], [key for _, keys in items for key in keys]
+    return data, []
 
 
 def write_text(path: str | Path, text: str) -> None:

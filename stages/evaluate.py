@@ -6,7 +6,7 @@ from space.cli import stage_main
 from space.config import load_params
 from space.evaluation import RESEED_REMEDY, evaluate, resolve_device
 from space.experiment import build_dataset, load_experiment
-from space.io import write_json, write_text
+from space.io import nulls_for_non_finite, write_json, write_text
 
 
 def main(args):
@@ -23,7 +23,11 @@ def main(args):
         write_text(f"plots/ap/{exp.name}.csv", curve.to_csv(index=False))
     else:
         write_text(f"plots/ap/{exp.name}.csv", "iou_threshold,ap\n")
+    results, non_finite = nulls_for_non_finite(results)
     write_json(f"metrics/{exp.name}.json", results)
+    if non_finite:
+        print(f"warning: not finite, written as null to metrics/{exp.name}.json: {', '.join(non_finite)}; the "
+              f"model computes NaN or infinity on these images (a diverged run or a corrupt checkpoint)")
     print({k: results[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse", "bg_failure") if k in results})
     if results["bg_failure"]:
         print(f"warning: {results['bg_failure_reason']}; {RESEED_REMEDY}")

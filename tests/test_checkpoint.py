@@ -2,25 +2,9 @@ import pytest
 import torch
 
 import space
-from conftest import ORIGINAL_NAMES, reference_state_dict
+from conftest import ORIGINAL_NAMES, synthesise_original
 from space.checkpoint import CheckpointError, load_original_checkpoint, read_checkpoint, save_checkpoint
 from space.model import build_model, build_optimizers
-
-
-def synthesise_original(name: str, path) -> dict:
-    """An original-format checkpoint: random tensors with the reference keys and shapes."""
-    ref = reference_state_dict(name)
-    state = {}
-    for key, shape in ref["state_dict"].items():
-        state[key] = (torch.randint(0, 1000, shape) if key.endswith("num_batches_tracked")
-                      else torch.randn(shape))
-    model = build_model(name)
-    fg, bg = build_optimizers(model)
-    ckpt = {"model": state, "optimizer_fg": fg.state_dict(), "optimizer_bg": bg.state_dict(),
-            "epoch": 3, "global_step": 8000}
-    # the original's files were written by PyTorch 1.3: the legacy (non-zip) format
-    torch.save(ckpt, path, _use_new_zipfile_serialization=False)
-    return state
 
 
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)

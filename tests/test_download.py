@@ -20,6 +20,7 @@ from typing import Iterator
 import pytest
 
 from space.data.download import ArchiveError, fetch_archive
+from space.fetch import main as fetch_main
 
 OBJ3D_ID = "18Ta1sWCyprv0QPGMUOMMPFWac8KFICMN"
 
@@ -223,6 +224,25 @@ def test_pretrained_files_land_in_the_folder(served, tmp_path: Path) -> None:
     assert fetch_archive("pretrained", target, url=f"{base}/pretrained.tar.gz") == target
     assert sorted(p.name for p in target.iterdir()) == sorted(f"{n}.pth" for n in names)
     assert (target / "atari_joint.pth").read_bytes() == b"atari_joint"
+
+
+def test_fetch_command_puts_the_models_in_pretrained_or_says_where_to_put_them(served, tmp_path: Path,
+                                                                               capsys, monkeypatch) -> None:
+    """`python -m space.fetch pretrained`: into ./pretrained by default; on failure, exit status 1
+    and the message with the Drive link and the path for a hand-placed archive."""
+    folder, base, _ = served
+    with tarfile.open(folder / "pretrained.tar.gz", "w:gz") as tar:
+        for name in ["3d_room_large", "3d_room_small", "atari_spaceinvaders", "atari_riverraid", "atari_joint"]:
+            add_file(tar, f"{name}.pth", name.encode())
+    monkeypatch.chdir(tmp_path)
+    assert fetch_main(["pretrained", "--url", f"{base}/pretrained.tar.gz"]) == 0
+    assert capsys.readouterr().out.strip() == "pretrained"
+    assert (tmp_path / "pretrained" / "3d_room_small.pth").read_bytes() == b"3d_room_small"
+    assert not (tmp_path / "pretrained" / "pretrained.tar.gz").exists()  # a downloaded archive is not kept
+    assert fetch_main(["pretrained", "--dest", "elsewhere", "--url", closed_port_url()]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: Could not download pretrained.tar.gz")
+    assert "1gUvLTfy5pKeLa6k3RT8GiEXWiGG8XzzD" in error and "elsewhere/pretrained.tar.gz" in error
 
 
 def test_unknown_archive_name(tmp_path: Path) -> None:

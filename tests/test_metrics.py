@@ -421,3 +421,14 @@ def test_cuda_devices_get_the_original_numerics_and_the_cpu_is_left_alone():
     finally:
         for (obj, name), value in zip(flags, saved):
             setattr(obj, name, value)
+
+
+def test_non_finite_metrics_become_null_and_are_named():
+    from space.io import nulls_for_non_finite
+    data = {"mse": float("nan"), "ap_50": 0.5, "ap_by_iou": {"0.50": float("inf"), "0.55": 0.25},
+            "aps": [0.1, float("-inf")], "bg_failure": False, "experiment": "x"}
+    clean, keys = nulls_for_non_finite(data)
+    assert keys == ["mse", "ap_by_iou.0.50", "aps[1]"]
+    assert clean == {"mse": None, "ap_50": 0.5, "ap_by_iou": {"0.50": None, "0.55": 0.25}, "aps": [0.1, None],
+                     "bg_failure": False, "experiment": "x"}
+    assert json.loads(json.dumps(clean, allow_nan=False)) == clean

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ORIGINAL_NAMES, ROOT
+from conftest import ORIGINAL_NAMES, ROOT, synthesise_original
 from space.config import ORIGINAL_CONFIGS, ModelConfig, TrainConfig
 from space.experiment import active_experiments, load_experiment
 
@@ -61,6 +61,33 @@ def test_original_experiment_runs_through_its_stages(name, tmp_path):
     # the trained model carries the original's configuration
     import space
     assert space.load(tmp_path / "models" / f"{name}.pth").cfg == ModelConfig(**ORIGINAL_CONFIGS[name]["model"])
+
+
+def test_a_pretrained_original_checkpoint_is_evaluated_and_drawn_without_training(tmp_path):
+    """exp.<name>.pretrained: the train stage imports the file (original format, config from its
+    name) instead of training, and evaluate, demo and export run on it."""
+    params_path = smoke_params("3d_room_small", tmp_path)
+    (tmp_path / "pretrained").mkdir()
+    state = synthesise_original("3d_room_small", tmp_path / "pretrained" / "3d_room_small.pth")
+    params = yaml.safe_load(params_path.read_text())
+    params["exp"]["3d_room_small"]["pretrained"] = "pretrained/3d_room_small.pth"
+    params["exp"]["3d_room_small"]["train"]["max_steps"] = 10 ** 9  # would not end if it trained
+    params_path.write_text(yaml.safe_dump(params))
+    out = {}
+    for stage in ("data", "train", "evaluate", "demo", "export"):
+        result = run_stage(stage, "3d_room_small", tmp_path, params_path)
+        assert result.returncode == 0, f"{stage}: {result.stderr[-3000:]}"
+        out[stage] = result.stdout
+    assert not (tmp_path / "checkpoints").exists()
+    import space
+    model = space.load(tmp_path / "models" / "3d_room_small.pth")
+    assert model.cfg == ModelConfig(**ORIGINAL_CONFIGS["3d_room_small"]["model"])
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[key], value.to(loaded[key].dtype)) for key, value in state.items())
+    metrics = json.loads((tmp_path / "metrics" / "3d_room_small.json").read_text())
+    assert metrics["num_images"] == 2 and metrics["mse"] is not None and "not finite" not in out["evaluate"]
+    assert (tmp_path / "plots" / "demo" / "3d_room_small.png").is_file()
+    assert (tmp_path / "exports" / "3d_room_small.parquet").is_file()
 
 
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)

@@ -15,6 +15,10 @@ Where things go, as in the original README (``data_dir`` plays the role of
 * ``pretrained``: the archive is ``pretrained/pretrained.tar.gz``; it extracts
   to the five ``pretrained/*.pth`` files.
 
+From the command line, ``python -m space.fetch pretrained`` puts the five pretrained
+models in ``pretrained/`` (the data stage fetches the datasets itself, into ``data/`` with hand-placed
+archives looked for in ``data/archives/``; the command does the same for a dataset name).
+
 Manual route (no network, or Drive refuses): download the archive in a
 browser from the Drive link printed in the error and put it at the path above;
 ``fetch_archive`` then uses it without any network access and leaves it in
