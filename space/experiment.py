@@ -17,6 +17,7 @@ Layout of params.yaml::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,9 +139,34 @@ def active_experiments(params: Mapping[str, Any]) -> list[str]:
     return list(names)
 
 
-def data_identity(data: DataConfig, image_size: int) -> dict[str, Any]:
-    """What identifies an experiment's images (goes into the training run id)."""
-    return {**dataclasses.asdict(data), "image_size": image_size}
+def data_identity(data: DataConfig, image_size: int, content: str | None = None) -> dict[str, Any]:
+    """What identifies an experiment's images (goes into the training run id). Generated and
+    downloaded images follow from the config; a user's folder does not, so its ``content``
+    fingerprint (:func:`folder_fingerprint`, from the data stage's manifest) enters too."""
+    identity = {**dataclasses.asdict(data), "image_size": image_size}
+    if content is not None:
+        identity["content"] = content
+    return identity
+
+
+def folder_fingerprint(root: str | Path) -> str:
+    """SHA-256 over the names and bytes of a folder experiment's images and box files: what the
+    data stage records, so that new images start a new training run instead of resuming one
+    trained on the old ones."""
+    from .data.datasets import FolderDataset
+
+    root = Path(root)
+    files = list(FolderDataset(root, "all").paths)
+    if (root / "bb").is_dir():
+        files += sorted(p for p in (root / "bb").iterdir() if p.is_file() and p.suffix == ".txt")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def build_dataset(exp: Experiment, split: str) -> Dataset:

@@ -6,6 +6,7 @@ With ``train.nproc_per_node`` N > 1 the stage relaunches itself through torchrun
 torchrun already (for example on several nodes, see README "Multi-GPU and multi-node"), it runs
 as one of the processes; only rank 0 writes the model, the plots and the checkpoints.
 """
+import json
 import logging
 import subprocess
 import sys
@@ -64,7 +65,9 @@ def main(args):
     if exp.train.nproc_per_node > 1 and not under_torchrun():
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return
-    rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size), env.world_size)
+    manifest = Path(f"data/manifests/{exp.name}.json")
+    content = json.loads(manifest.read_text()).get("content") if manifest.is_file() else None
+    rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size, content), env.world_size)
     val = build_dataset(exp, "val") if exp.train.eval_on else None
     try:
         trainer = Trainer(exp.model, exp.train, build_dataset(exp, "train"), Path("checkpoints", exp.name, rid),

@@ -234,3 +234,43 @@ def test_dvc_repro_runs_an_original_experiment_and_then_nothing(tmp_path):
     assert metrics["num_images"] == 2 and "ap_50" in metrics
     assert (tmp_path / "exports" / "3d_room_small.json").is_file()
     assert "up to date" in dvc("status")
+
+
+def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
+    """A user's folder does not follow from params.yaml: the data stage records a fingerprint of its
+    images and boxes in the manifest, and it enters the training run id, so that changed images
+    start a new run instead of resuming checkpoints trained on the old ones."""
+    from PIL import Image
+    from space.experiment import data_identity, folder_fingerprint
+    from space.training import run_id
+
+    folder = tmp_path / "data" / "mine"
+    (folder / "bb").mkdir(parents=True)
+    for i in range(10):
+        Image.new("RGB", (40, 30), (20 * i, 100, 50)).save(folder / f"img{i}.png")
+        (folder / "bb" / f"img{i}.txt").write_text("20,15,8,8\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["experiments"] = ["mine"]
+    params["exp"]["mine"] = {"data": {"source": "folder", "root": "data/mine"},
+                             "model": {"image_size": 64, "G": 8}, "train": {}, "pretrained": None}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    manifest = tmp_path / "data" / "manifests" / "mine.json"
+
+    def data_stage() -> str:
+        result = run_stage("data", "mine", tmp_path, path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(manifest.read_text())["content"]
+
+    first = data_stage()
+    assert first == folder_fingerprint(folder) and data_stage() == first  # the same images, the same print
+    exp = load_experiment(params, "mine")
+    ids = [run_id(exp.model, exp.train, data_identity(exp.data, 64, first))]
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "img3.png")  # one image replaced
+    second = data_stage()
+    (folder / "bb" / "img4.txt").write_text("10,10,4,4\n")  # one box changed
+    third = data_stage()
+    ids += [run_id(exp.model, exp.train, data_identity(exp.data, 64, c)) for c in (second, third)]
+    assert len({first, second, third}) == 3 and len(set(ids)) == 3
+    # generated data follows from its config: no fingerprint, and the run ids stay as they were
+    assert "content" not in data_identity(load_experiment(PARAMS, "rooms").data, 64)
