@@ -64,11 +64,24 @@ def predicted_boxes(out: SpaceOutput) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else the CPU. On CUDA, also :func:`use_original_cuda_numerics`."""
+    """'auto' picks CUDA when present, else the CPU. On CUDA, also :func:`use_original_cuda_numerics`.
+
+    Raises ValueError, naming the device, for a string torch does not read as a device and for a
+    CUDA device this machine does not have (instead of torch's failure at the first tensor moved)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not one torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch "
+                             f"{torch.__version__}); use 'auto' or 'cpu'")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r} asked for, but this machine has {count} CUDA device(s): "
+                             f"cuda:0 to cuda:{count - 1}")
         use_original_cuda_numerics()
     return resolved
 

@@ -400,13 +400,16 @@ def test_accumulator_matches_loop_reference_on_random_data() -> None:
     assert 0.0 < res["ap_avg"] < 1.0
 
 
-def test_cuda_devices_get_the_original_numerics_and_the_cpu_is_left_alone():
+def test_cuda_devices_get_the_original_numerics_and_the_cpu_is_left_alone(monkeypatch):
     """resolve_device: on CUDA, cuDNN deterministic, no autotuning, no TF32 (PyTorch 1.3 had
-    none); the CPU leaves the global flags as they are. The CUDA branch is taken by name alone
-    (no GPU needed: torch.device('cuda') does not touch a device)."""
+    none); the CPU leaves the global flags as they are. No GPU needed: two CUDA devices are
+    pretended (torch.device('cuda', 1) does not touch a device)."""
     import torch
 
     from space.evaluation import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
     flags = [(torch.backends.cudnn, "deterministic"), (torch.backends.cudnn, "benchmark"),
              (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
@@ -432,3 +435,21 @@ def test_non_finite_metrics_become_null_and_are_named():
     assert clean == {"mse": None, "ap_50": 0.5, "ap_by_iou": {"0.50": None, "0.55": 0.25}, "aps": [0.1, None],
                      "bg_failure": False, "experiment": "x"}
     assert json.loads(json.dumps(clean, allow_nan=False)) == clean
+
+
+def test_a_device_that_is_not_there_is_refused_by_name(monkeypatch):
+    import torch
+
+    from space.evaluation import resolve_device
+
+    with pytest.raises(ValueError, match=r"device 'tpu' is not one torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for, but CUDA is not available here .*use 'auto' or 'cpu'"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device 'cuda:1' asked for, but this machine has 1 CUDA device\(s\): cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+
