@@ -245,6 +245,15 @@ def test_fetch_command_puts_the_models_in_pretrained_or_says_where_to_put_them(s
     assert "1gUvLTfy5pKeLa6k3RT8GiEXWiGG8XzzD" in error and "elsewhere/pretrained.tar.gz" in error
 
 
+def test_fetch_command_extracts_a_hand_placed_dataset_where_the_data_stage_looks(tmp_path: Path, capsys,
+                                                                                  monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    archive = make_obj3d_archive(tmp_path / "data" / "archives" / "OBJ3D_SMALL.tar.gz")
+    assert fetch_main(["OBJ3D_SMALL", "--url", closed_port_url()]) == 0  # no network used
+    assert capsys.readouterr().out.strip() == str(Path("data") / "OBJ3D_SMALL")
+    assert (tmp_path / "data" / "OBJ3D_SMALL" / "train").is_dir() and archive.is_file()  # left in place
+
+
 def test_unknown_archive_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Unknown archive 'CLEVR'"):
         fetch_archive("CLEVR", tmp_path)

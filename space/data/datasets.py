@@ -52,8 +52,8 @@ def _missing_root_error(root: Path, what: str) -> FileNotFoundError:
     if name in ARCHIVES:
         how = (
             f"run `dvc repro` (its data stage downloads it), or download {name}.tar.gz from "
-            f"{drive_link(name)} and put it at {root.parent / (name + '.tar.gz')} "
-            f"(space.data.download.fetch_archive then extracts it)"
+            f"{drive_link(name)}, put it at {root.parent / 'archives' / (name + '.tar.gz')} (the data stage's "
+            f"data.archive_dir) and run `dvc repro` or `python -m space.fetch {name}`, which extract it offline"
         )
     else:
         how = (
