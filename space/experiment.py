@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from .io import write_json
 from .config import ModelConfig, TrainConfig, _bad, from_dict, load_params
+from .data.download import DEFAULT_ARCHIVE_DIR
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
 DOWNLOADED = ("OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI")
@@ -56,7 +57,7 @@ class DataConfig:
     games: tuple[str, ...] | None = None
     bgr: bool = False
     # downloads: where a manually placed archive is looked for, and an optional URL override
-    archive_dir: str = "data/archives"
+    archive_dir: str = DEFAULT_ARCHIVE_DIR
     url: str | None = None
     # user folders
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data.download import ARCHIVES, ArchiveError, fetch_archive
+from .data.download import ARCHIVES, DEFAULT_ARCHIVE_DIR, ArchiveError, fetch_archive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,12 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(ARCHIVES))
     parser.add_argument("--dest", help="folder to extract into (default: pretrained for the models, data for a dataset)")
     parser.add_argument("--archive-dir", help="where a hand-placed archive is looked for and the download goes "
-                                              "(default: the destination for the models, data/archives for a dataset)")
+                                              f"(default: the destination for the models, {DEFAULT_ARCHIVE_DIR} for a dataset)")
     parser.add_argument("--url", help="download from this URL instead of Google Drive (a mirror)")
     args = parser.parse_args(argv)
     models = args.name == "pretrained"
     dest = args.dest or ("pretrained" if models else "data")
-    archive_dir = args.archive_dir or (dest if models else "data/archives")
+    archive_dir = args.archive_dir or (dest if models else DEFAULT_ARCHIVE_DIR)
     try:
         target = fetch_archive(args.name, dest, archive_dir=archive_dir, url=args.url)
     except ArchiveError as err:

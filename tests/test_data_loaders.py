@@ -101,7 +101,7 @@ def test_obj3d_missing_root_says_how_to_get_it(tmp_path: Path) -> None:
     message = str(error.value)
     assert "OBJ3D_SMALL" in message and "dvc repro" in message
     assert "https://drive.google.com/open?id=18Ta1sWCyprv0QPGMUOMMPFWac8KFICMN" in message
-    assert f"put it at {tmp_path / 'archives' / 'OBJ3D_SMALL.tar.gz'}" in message  # where the data stage looks
+    assert f"put it at {Path('data', 'archives', 'OBJ3D_SMALL.tar.gz')}" in message  # where the data stage looks
     assert "python -m space.fetch OBJ3D_SMALL" in message
     with pytest.raises(FileNotFoundError, match="generate_rooms"):
         Obj3dDataset(tmp_path / "ROOMS", "val")

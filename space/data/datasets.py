@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from space.data.download import ARCHIVES, ATARI_GAMES, ATARI_SPLIT_DIRS, SPLITS, drive_link
+from space.data.download import ARCHIVES, ATARI_GAMES, ATARI_SPLIT_DIRS, DEFAULT_ARCHIVE_DIR, SPLITS, drive_link
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -52,8 +52,8 @@ def _missing_root_error(root: Path, what: str) -> FileNotFoundError:
     if name in ARCHIVES:
         how = (
             f"run `dvc repro` (its data stage downloads it), or download {name}.tar.gz from "
-            f"{drive_link(name)}, put it at {root.parent / 'archives' / (name + '.tar.gz')} (the data stage's "
-            f"data.archive_dir) and run `dvc repro` or `python -m space.fetch {name}`, which extract it offline"
+            f"{drive_link(name)}, put it at {Path(DEFAULT_ARCHIVE_DIR) / (name + '.tar.gz')} (the data "
+            f"stage's data.archive_dir) and run `dvc repro` or `python -m space.fetch {name}`, which extract it offline"
         )
     else:
         how = (

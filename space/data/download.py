@@ -38,7 +38,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+#: Where the data stage (``data.archive_dir``) and ``python -m space.fetch`` look for a hand-placed
+#: dataset archive and download one to.
+DEFAULT_ARCHIVE_DIR = "data/archives"
+
 __all__ = [
+    "DEFAULT_ARCHIVE_DIR",
     "ATARI_GAMES",
     "ATARI_SPLIT_DIRS",
     "SPLITS",
