@@ -26,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from space.config import load_params, load_yaml  # noqa: E402
 from space.experiment import build_dataset, load_experiment, prepare_data  # noqa: E402
 from space.evaluation import evaluate  # noqa: E402
 from space.training import Trainer  # noqa: E402
@@ -44,14 +45,14 @@ def main() -> None:
     args = parser.parse_intermixed_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = yaml.safe_load(Path(args.params).read_text())
+    params = load_params(args.params)
     entry = params["exp"][args.experiment]
     for override in args.overrides:
         key, _, value = override.partition("=")
         section, _, name = key.partition(".")
         if section not in ("data", "model", "train") or not name or not _:
             parser.error(f"override {override!r}: expected data.<key>=<value>, model.<key>=<value> or train.<key>=<value>")
-        entry.setdefault(section, {})[name] = yaml.safe_load(value)
+        entry.setdefault(section, {})[name] = load_yaml(value)
     out = ROOT / "runs" / "tune" / args.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))

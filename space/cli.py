@@ -6,7 +6,19 @@ import logging
 import sys
 from typing import Callable
 
+from tqdm import tqdm
+
 PARAMS = "params.yaml"
+
+
+class TqdmLogHandler(logging.Handler):
+    """Writes log records to stderr through ``tqdm.write``, above any progress bar instead of into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own convention
+            self.handleError(record)
 
 
 def stage_main(description: str, main: Callable[[argparse.Namespace], None]) -> None:
@@ -15,7 +27,7 @@ def stage_main(description: str, main: Callable[[argparse.Namespace], None]) -> 
     parser.add_argument("experiment", help="experiment name, a key under 'exp' in params.yaml")
     parser.add_argument("--params", default=PARAMS, help="params file (default: params.yaml)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", handlers=[TqdmLogHandler()])
     try:
         main(args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -362,13 +363,37 @@ def original_config(name: str) -> tuple[ModelConfig, TrainConfig]:
     return from_dict(ModelConfig, entry["model"]), from_dict(TrainConfig, entry["train"])
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading numbers as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: ``1e-9`` and ``1E5`` are strings to it.
+    DVC writes params with ruamel.yaml (YAML 1.2), so ``dvc exp run -S key=1e-9`` puts ``1e-09``
+    in params.yaml, which a plain ``yaml.safe_load`` would hand on as the string '1e-09'.
+    """
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`ParamsLoader` (``1e-9`` is a float)."""
+    return yaml.load(text, Loader=ParamsLoader)
+
+
 def load_params(path: str | Path) -> dict[str, Any]:
     """Read a params.yaml file into a dict, with a clear error naming the file when it is bad."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     try:
-        params = yaml.safe_load(path.read_text())
+        params = load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(params, dict):

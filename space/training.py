@@ -615,8 +615,6 @@ class Trainer:
                         message = (f"non-finite loss or gradient at step {step} (loss {out.loss.item()}); "
                                    f"step skipped ({bad_steps} in a row)")
                         log.warning(message)
-                        if self.progress:
-                            bar.write(f"warning: {message}")
                         if bad_steps >= cfg.max_bad_steps:
                             last = find_checkpoints(self.run_dir)
                             raise TrainingError(
@@ -702,8 +700,6 @@ class Trainer:
         if metrics["bg_failure"] and step >= cfg.eval_every:
             message = f"step {step}: {metrics['bg_failure_reason']}; if it persists, {RESEED_REMEDY}"
             log.warning(message)
-            if self.progress:
-                tqdm.write(f"warning: {message}")
         self._maybe_save_best(metrics, step, after)
         with torch.no_grad():
             for buffer, saved in buffers:

@@ -1,6 +1,7 @@
 import pytest
 
-from space.config import ModelConfig, TrainConfig, from_dict, original_config, replace
+from space.config import ModelConfig, TrainConfig, from_dict, load_yaml, original_config, replace
+from space.experiment import load_experiment
 
 
 @pytest.mark.parametrize("key, value, words", [
@@ -56,3 +57,18 @@ def test_original_configs_carry_the_originals_values():
     assert model.z_pres_end_value == 1e-10 and model.tau_end_value == 2.5
     with pytest.raises(ValueError, match="unknown original configuration 'atari'"):
         original_config("atari")
+
+
+def test_params_read_exponent_floats_as_yaml_1_2_does(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-09 as a string; DVC (ruamel, YAML 1.2) writes floats that way for
+    # `dvc exp run -S exp.rooms.model.z_pres_end_value=1e-9`, which then stopped the stages with
+    # "invalid value for 'model.z_pres_end_value': '1e-09'".
+    path = tmp_path / "params.yaml"
+    path.write_text("exp:\n  e:\n    data: {source: rooms, root: data/x}\n"
+                    "    model: {image_size: 64, G: 8, z_pres_end_value: 1e-09, fg_sigma: .25, tau_end_value: 5E-1}\n"
+                    "    train: {seed: 1, fg_lr: 1e-4, max_steps: 1_000}\n    pretrained: null\n")
+    exp = load_experiment(path, "e")
+    assert exp.model.z_pres_end_value == 1e-9
+    assert (exp.model.fg_sigma, exp.model.tau_end_value, exp.train.fg_lr) == (0.25, 0.5, 1e-4)
+    assert exp.train.max_steps == 1000 and isinstance(exp.train.max_steps, int)
+    assert load_yaml("a: [3d_room_small, 1e, e5, inf, '1e-3']")["a"] == ["3d_room_small", "1e", "e5", "inf", "1e-3"]

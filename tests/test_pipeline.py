@@ -3,6 +3,7 @@ a few generated images in its data layout), and the default experiment's params 
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,3 +275,24 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     assert len({first, second, third}) == 3 and len(set(ids)) == 3
     # generated data follows from its config: no fingerprint, and the run ids stay as they were
     assert "content" not in data_identity(load_experiment(PARAMS, "rooms").data, 64)
+
+
+def test_a_stage_prints_a_warning_once_on_its_own_line_above_the_progress_bar(tmp_path):
+    # The stages log through tqdm.write: a plain stream handler wrote into the bar's line
+    # ("train:  48%|...| 10/21 [...]WARNING space.training: ..."), and the trainer wrote each
+    # warning a second time itself.
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import logging\nfrom tqdm import tqdm\nfrom space.cli import stage_main\n\n"
+        "def main(args):\n"
+        "    for i in tqdm(range(3), desc='train'):\n"
+        "        if i == 1:\n"
+        "            logging.getLogger('space.training').warning('step 1: something to see')\n\n"
+        "stage_main('a stage', main)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(script), "rooms"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = re.split(r"[\r\n]", result.stderr)
+    assert [line for line in lines if "something to see" in line] == ["WARNING space.training: step 1: something to see"]
+    assert any(line.startswith("train: 100%") for line in lines)
