@@ -33,3 +33,6 @@ def stage_main(description: str, main: Callable[[argparse.Namespace], None]) -> 
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
         print(f"error: [{args.experiment}] {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"error: [{args.experiment}] interrupted", file=sys.stderr)
+        sys.exit(130)  # the shell's code for SIGINT

@@ -634,6 +634,14 @@ class Trainer:
                         break
                 if pos.batch >= batches_per_epoch:
                     pos.epoch, pos.batch = pos.epoch + 1, 0
+        except KeyboardInterrupt:
+            bar.close()
+            last = find_checkpoints(self.run_dir)
+            if env.is_main:
+                log.warning(f"training interrupted at step {pos.step}; "
+                            + (f"the last checkpoint, {last[-1]}, is where a new run resumes"
+                               if last else "no checkpoint written yet: a new run starts from step 0"))
+            raise
         finally:
             bar.close()
             if writer is not None:

@@ -296,3 +296,14 @@ def test_a_stage_prints_a_warning_once_on_its_own_line_above_the_progress_bar(tm
     lines = re.split(r"[\r\n]", result.stderr)
     assert [line for line in lines if "something to see" in line] == ["WARNING space.training: step 1: something to see"]
     assert any(line.startswith("train: 100%") for line in lines)
+
+
+def test_a_stage_stopped_with_ctrl_c_exits_130_with_one_line(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text("from space.cli import stage_main\n\n"
+                      "def main(args):\n    raise KeyboardInterrupt\n\n"
+                      "stage_main('a stage', main)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(script), "rooms"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (130, "error: [rooms] interrupted\n")

@@ -151,6 +151,28 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, monkeypatch):
     assert all(torch.isfinite(v.float()).all() for v in after_6.values())
 
 
+def test_ctrl_c_names_the_checkpoint_a_new_run_resumes_from(tmp_path, monkeypatch, caplog):
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 20, "save_every": 2})
+    trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+    original_forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def forward(x, priors, mode="sample"):
+        calls["n"] += 1
+        if calls["n"] == 6:  # Ctrl-C during step 5
+            raise KeyboardInterrupt
+        return original_forward(x, priors, mode)
+
+    monkeypatch.setattr(trainer.model, "forward", forward)
+    with caplog.at_level("WARNING", logger="space.training"), pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    # steps 0, 2 and 4 saved (model_<step+1>); nothing written for the interrupted step
+    assert [p.name for p in find_checkpoints(tmp_path)][-1] == "model_000000005.pth"
+    assert any("training interrupted at step 5; the last checkpoint" in r.message
+               and "model_000000005.pth" in r.message for r in caplog.records)
+    assert Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False).position.step == 5
+
+
 def test_rerun_after_completion_does_no_work(tmp_path):
     cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 3})
     Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False).fit()
