@@ -55,7 +55,7 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
             array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
             if array.ndim != 3 or array.shape[2] != 3:
                 raise ValueError(f"expected an RGB image (H, W, 3), got an array of shape {array.shape}")
-            t = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+            t = torch.from_numpy(np.array(array)).permute(2, 0, 1).float()  # a copy: PIL's arrays are read-only
             tensors.append(t / 255.0 if array.dtype == np.uint8 else t)
             shapes.append(array.shape[:2])
         x = torch.stack([F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False)[0]

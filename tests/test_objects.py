@@ -1,5 +1,9 @@
 """Objects as data: detect() boxes agree with the evaluation; export round-trips."""
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -11,6 +15,8 @@ from space.evaluation import evaluate
 from space.metrics import DetectionAccumulator
 from space.model import Space
 from space.objects import export_detections
+
+from conftest import ROOT
 
 CFG = ModelConfig(image_size=32, G=4, glimpse_size=16, fg_width=0.25, bg_width=0.25, K=2)
 
@@ -86,3 +92,15 @@ def test_export_writes_a_table_and_json_that_read_back(tmp_path):
     assert first.z_what_31 == pytest.approx(detections[0][0].z_what[31], abs=1e-5)
     assert len(document["images"]) == 5 and "pixels" in document["convention"]
     assert document["images"][0]["objects"][0]["presence"] == pytest.approx(first.presence)
+
+
+def test_detect_on_pil_images_warns_of_nothing():
+    # np.asarray of a PIL image is read-only, and torch.from_numpy on it warned "The given NumPy
+    # array is not writable" (once per process, so the check runs in a fresh one)
+    code = ("import warnings, numpy as np, torch; from PIL import Image; from space.config import ModelConfig; "
+            "from space.model import Space; warnings.simplefilter('error'); torch.manual_seed(0); "
+            f"m = Space(ModelConfig(**{dataclasses.asdict(CFG)!r})).eval(); "
+            "print(len(m.detect([Image.new('RGB', (40, 30), (200, 30, 30))])))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr[-2000:]
