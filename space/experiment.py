@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .io import write_json
 from .config import ModelConfig, TrainConfig, _bad, from_dict, load_params
-from .data.download import DEFAULT_ARCHIVE_DIR
+from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
 DOWNLOADED = ("OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI")
@@ -131,6 +131,47 @@ def _overridden(entry: Mapping[str, Any], params: Mapping[str, Any], section: st
     values = dict(entry.get(section) or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return values
+
+
+#: The keys of the evaluate, export and demo sections of params.yaml.
+STAGE_KEYS = {
+    "evaluate": ("split", "mode", "batch_size", "num_images", "device"),
+    "export": ("split", "threshold", "mode", "batch_size", "num_images"),
+    "demo": ("split", "indices", "mode"),
+}
+
+
+def stage_settings(params: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """The ``evaluate``, ``export`` or ``demo`` section of params, checked key by key."""
+    settings = params.get(section)
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"params.yaml needs a '{section}' section with keys {', '.join(STAGE_KEYS[section])}")
+    keys = STAGE_KEYS[section]
+    unknown, missing = sorted(set(settings) - set(keys)), [k for k in keys if k not in settings]
+    if unknown or missing:
+        raise ValueError(f"'{section}' in params.yaml: " + "; ".join(
+            ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            + ([f"missing key(s) {', '.join(missing)}"] if missing else [])) + f"; its keys: {', '.join(keys)}")
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = {
+        "split": (lambda v: v in SPLITS, " or ".join(repr(s) for s in SPLITS)),
+        "mode": (lambda v: v in ("deterministic", "sample"), "'deterministic' or 'sample'"),
+        "batch_size": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+        "num_images": (lambda v: v is None or integer(v) and v >= 1, "null (the whole split) or an integer >= 1"),
+        "device": (lambda v: isinstance(v, str), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
+                      "a presence probability between 0 and 1"),
+        "indices": (lambda v: isinstance(v, list) and v and all(integer(i) and i >= 0 for i in v),
+                    "a non-empty list of image indices (integers >= 0)"),
+    }
+    for key in keys:
+        ok, allowed = checks[key]
+        if not ok(settings[key]):
+            _bad(f"{section}.{key}", settings[key], allowed)
+    return dict(settings)
 
 
 def active_experiments(params: Mapping[str, Any]) -> list[str]:

@@ -4,20 +4,26 @@ import torch
 import space
 from space.cli import stage_main
 from space.config import load_params
-from space.experiment import build_dataset, load_experiment
+from space.experiment import build_dataset, load_experiment, stage_settings
 from space.visualisation import demo_figure, training_curves
 
 
 def main(args):
     params = load_params(args.params)
-    exp, settings = load_experiment(params, args.experiment), params["demo"]
+    exp, settings = load_experiment(params, args.experiment), stage_settings(params, "demo")
     model = space.load(f"models/{exp.name}.pth")
     dataset = build_dataset(exp, settings["split"])
     indices = [i for i in settings["indices"] if i < len(dataset)]
+    beyond = [i for i in settings["indices"] if i >= len(dataset)]
+    if not indices:
+        raise ValueError(f"demo.indices {settings['indices']}: the {settings['split']} split has {len(dataset)} "
+                         f"images (indices 0-{len(dataset) - 1})")
+    if beyond:
+        print(f"warning: demo.indices {beyond} left out: the {settings['split']} split has {len(dataset)} images")
     x = torch.stack([dataset[i] for i in indices])
     with torch.no_grad():
         out = model(x, space.final_priors(model.cfg), settings["mode"])
-    demo_figure(out, f"plots/demo/{exp.name}.png", title=f"{exp.name}: test images {indices}")
+    demo_figure(out, f"plots/demo/{exp.name}.png", title=f"{exp.name}: {settings['split']} images {indices}")
     training_curves(f"plots/train/{exp.name}.csv", f"plots/curves/{exp.name}.png")
 
 

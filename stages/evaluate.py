@@ -5,13 +5,13 @@ import space
 from space.cli import stage_main
 from space.config import load_params
 from space.evaluation import RESEED_REMEDY, evaluate, resolve_device
-from space.experiment import build_dataset, load_experiment
+from space.experiment import build_dataset, load_experiment, stage_settings
 from space.io import nulls_for_non_finite, write_json, write_text
 
 
 def main(args):
     params = load_params(args.params)
-    exp, settings = load_experiment(params, args.experiment), params["evaluate"]
+    exp, settings = load_experiment(params, args.experiment), stage_settings(params, "evaluate")
     device = resolve_device(settings["device"])
     model = space.load(f"models/{exp.name}.pth", device=device)
     dataset = build_dataset(exp, settings["split"])

@@ -2,13 +2,13 @@
 import space
 from space.cli import stage_main
 from space.config import load_params
-from space.experiment import build_dataset, load_experiment
+from space.experiment import build_dataset, load_experiment, stage_settings
 from space.objects import export_detections
 
 
 def main(args):
     params = load_params(args.params)
-    exp, settings = load_experiment(params, args.experiment), params["export"]
+    exp, settings = load_experiment(params, args.experiment), stage_settings(params, "export")
     model = space.load(f"models/{exp.name}.pth")
     dataset = build_dataset(exp, settings["split"])
     summary = export_detections(model, dataset, f"exports/{exp.name}", settings["batch_size"],

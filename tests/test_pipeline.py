@@ -307,3 +307,29 @@ def test_a_stage_stopped_with_ctrl_c_exits_130_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(script), "rooms"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=60)
     assert (result.returncode, result.stderr) == (130, "error: [rooms] interrupted\n")
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("evaluate", "num_images", 0, "invalid value for 'evaluate.num_images': 0; allowed: null (the whole split) or an integer >= 1"),
+    ("evaluate", "mode", "foo", "invalid value for 'evaluate.mode': 'foo'; allowed: 'deterministic' or 'sample'"),
+    ("evaluate", "split", "tset", "invalid value for 'evaluate.split': 'tset'; allowed: 'train' or 'val' or 'test'"),
+    ("evaluate", "batch_size", 0, "invalid value for 'evaluate.batch_size': 0; allowed: an integer >= 1"),
+    ("export", "threshold", 1.5, "invalid value for 'export.threshold': 1.5; allowed: a presence probability between 0 and 1"),
+    ("export", "num_images", True, "invalid value for 'export.num_images': True"),
+    ("demo", "indices", [], "invalid value for 'demo.indices': []; allowed: a non-empty list of image indices"),
+    ("demo", "indices", [0, -1], "invalid value for 'demo.indices': [0, -1]"),
+    ("demo", "colour", "red", "'demo' in params.yaml: unknown key(s) colour; its keys: split, indices, mode"),
+])
+def test_stage_settings_name_the_key_at_fault(section, key, value, message):
+    # num_images 0 used to evaluate nothing and write mse 0.0 with a background failure
+    from space.experiment import stage_settings
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in ("evaluate", "export", "demo"):
+        assert stage_settings(params, name) == params[name]
+    params[section][key] = value
+    with pytest.raises(ValueError) as error:
+        stage_settings(params, section)
+    assert message in str(error.value)
+    del params[section]
+    with pytest.raises(ValueError, match=f"params.yaml needs a '{section}' section"):
+        stage_settings(params, section)
