@@ -65,9 +65,38 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             _bad("data.source", self.source, f"one of {SOURCES}")
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        for key in ("root", "archive_dir"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                _bad(f"data.{key}", getattr(self, key), "a path")
+        if self.url is not None and not isinstance(self.url, str):
+            _bad("data.url", self.url, "null or a URL")
+        generated = self.source in ("rooms", "ale")
         for key in ("num_train", "num_val", "num_test"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                _bad(f"data.{key}", getattr(self, key), "an integer >= 0")
+            if not integer(getattr(self, key)) or getattr(self, key) < (1 if generated else 0):
+                _bad(f"data.{key}", getattr(self, key), "an integer >= 1 (the data stage generates every split)"
+                     if generated else "an integer >= 0")
+        for key in ("seed", "min_objects", "max_objects"):
+            if not integer(getattr(self, key)):
+                _bad(f"data.{key}", getattr(self, key), "an integer")
+        for key in ("min_size", "max_size"):
+            if not number(getattr(self, key)):
+                _bad(f"data.{key}", getattr(self, key), "a number")
+        for key in ("shadows", "bgr"):
+            if not isinstance(getattr(self, key), bool):
+                _bad(f"data.{key}", getattr(self, key), "true or false")
+        if self.games is not None and (isinstance(self.games, str) or not isinstance(self.games, (list, tuple))
+                                       or not self.games or not all(isinstance(g, str) for g in self.games)):
+            _bad("data.games", self.games, "null or a non-empty list of game names")
+        fractions = self.split_fractions
+        if not isinstance(fractions, (list, tuple)) or len(fractions) != 3 or not all(map(number, fractions)) \
+                or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            _bad("data.split_fractions", fractions, "three shares (train, val, test) >= 0 summing to 1")
         if not 1 <= self.min_objects <= self.max_objects:
             _bad("data.max_objects", self.max_objects, f"an integer >= min_objects ({self.min_objects}) >= 1")
         if not 0 < self.min_size <= self.max_size < 1:

@@ -72,3 +72,21 @@ def test_params_read_exponent_floats_as_yaml_1_2_does(tmp_path):
     assert (exp.model.fg_sigma, exp.model.tau_end_value, exp.train.fg_lr) == (0.25, 0.5, 1e-4)
     assert exp.train.max_steps == 1000 and isinstance(exp.train.max_steps, int)
     assert load_yaml("a: [3d_room_small, 1e, e5, inf, '1e-3']")["a"] == ["3d_room_small", "1e", "e5", "inf", "1e-3"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seed", 1.5, "invalid value for 'data.seed': 1.5; allowed: an integer"),  # was a TypeError traceback
+    ("num_val", 0, "invalid value for 'data.num_val': 0; allowed: an integer >= 1 (the data stage generates every split)"),
+    ("shadows", "no", "invalid value for 'data.shadows': 'no'; allowed: true or false"),
+    ("games", "SpaceInvaders", "invalid value for 'data.games': 'SpaceInvaders'; allowed: null or a non-empty list"),
+    ("split_fractions", [0.5, 0.5], "invalid value for 'data.split_fractions': [0.5, 0.5]; allowed: three shares"),
+    ("min_size", "0.1", "invalid value for 'data.min_size': '0.1'; allowed: a number"),
+    ("root", None, "invalid value for 'data.root': None; allowed: a path"),
+])
+def test_data_values_name_key_value_and_allowed(key, value, message):
+    from space.experiment import DataConfig
+    DataConfig(source="rooms", root="data/x")  # the defaults pass
+    DataConfig(source="OBJ3D_SMALL", root="data/x", num_val=0)  # a download's counts are not used
+    with pytest.raises(ValueError) as error:
+        DataConfig(**{"source": "rooms", "root": "data/x", key: value})
+    assert message in str(error.value)
