@@ -30,6 +30,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as file:
+        head = file.read(4)
+    # torch.save writes a zip archive, or (before PyTorch 1.6, as the original's files) a pickle
+    # that opens with the PROTO opcode; anything else is not a checkpoint, and torch would call
+    # it "pickled code" below.
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle: it starts "
+                              f"with {head!r})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -54,6 +54,15 @@ def test_not_a_checkpoint_and_pickled_code_are_refused(tmp_path):
     text.write_text("hello")
     with pytest.raises(CheckpointError, match="notes.pth: not a PyTorch checkpoint"):
         read_checkpoint(text)
+    # a text file given as `pretrained` was called "pickled code" (torch reads '#' as an opcode)
+    params = tmp_path / "params.yaml"
+    params.write_text("# Every knob of the pipeline.\nexperiments: [rooms]\n")
+    with pytest.raises(CheckpointError, match=r"params.yaml: not a PyTorch checkpoint \(neither a zip archive nor a "
+                                              r"pickle: it starts with b'# Ev'\)"):
+        read_checkpoint(params)
+    legacy = tmp_path / "legacy.pth"  # the format of the original's files (PyTorch < 1.6)
+    torch.save({"model": {"w": torch.ones(2)}}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(legacy)["model"]["w"], torch.ones(2))
 
     class Payload:
         def __reduce__(self):
@@ -61,6 +70,9 @@ def test_not_a_checkpoint_and_pickled_code_are_refused(tmp_path):
 
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "x": Payload()}, evil)
+    with pytest.raises(CheckpointError, match="evil.pth: refused: the file carries pickled code"):
+        read_checkpoint(evil)
+    torch.save({"model": {}, "x": Payload()}, evil, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="evil.pth: refused: the file carries pickled code"):
         read_checkpoint(evil)
     other = tmp_path / "list.pth"
