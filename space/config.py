@@ -246,6 +246,16 @@ CPU_ALLOCATORS = ("heap", "default")  # space/allocator.py
 BEST_METRICS = {"ap_50": True, "ap_avg": True, "count_error_rate": False, "count_accuracy": True}
 
 
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _bad(key: str, value: Any, allowed: str) -> None:
     raise ValueError(f"invalid value for '{key}': {value!r}; allowed: {allowed}")
 
@@ -262,10 +272,8 @@ def _check_types(cfg: Any) -> None:
                 continue
             type_name = type_name[:-len(" | None")]
         kind = {"int": int, "float": float, "bool": bool, "str": str}[type_name]
-        ok = (isinstance(value, bool) if kind is bool else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-              isinstance(value, int) and not isinstance(value, bool) if kind is int else
-              isinstance(value, kind))
+        ok = (isinstance(value, bool) if kind is bool else is_number(value) if kind is float else
+              is_int(value) if kind is int else isinstance(value, kind))
         if not ok:
             _bad(f"{section}.{f.name}", value, f"a value of type {kind.__name__}")
         if kind is float:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from torch.utils.data import Dataset
 
 from .io import write_json
-from .config import ModelConfig, TrainConfig, _bad, from_dict, load_params
+from .config import ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number, load_params
 from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
@@ -65,12 +65,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             _bad("data.source", self.source, f"one of {SOURCES}")
-        def integer(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
         for key in ("root", "archive_dir"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 _bad(f"data.{key}", getattr(self, key), "a path")
@@ -78,14 +72,14 @@ class DataConfig:
             _bad("data.url", self.url, "null or a URL")
         generated = self.source in ("rooms", "ale")
         for key in ("num_train", "num_val", "num_test"):
-            if not integer(getattr(self, key)) or getattr(self, key) < (1 if generated else 0):
+            if not is_int(getattr(self, key)) or getattr(self, key) < (1 if generated else 0):
                 _bad(f"data.{key}", getattr(self, key), "an integer >= 1 (the data stage generates every split)"
                      if generated else "an integer >= 0")
         for key in ("seed", "min_objects", "max_objects"):
-            if not integer(getattr(self, key)):
+            if not is_int(getattr(self, key)):
                 _bad(f"data.{key}", getattr(self, key), "an integer")
         for key in ("min_size", "max_size"):
-            if not number(getattr(self, key)):
+            if not is_number(getattr(self, key)):
                 _bad(f"data.{key}", getattr(self, key), "a number")
         for key in ("shadows", "bgr"):
             if not isinstance(getattr(self, key), bool):
@@ -94,7 +88,7 @@ class DataConfig:
                                        or not self.games or not all(isinstance(g, str) for g in self.games)):
             _bad("data.games", self.games, "null or a non-empty list of game names")
         fractions = self.split_fractions
-        if not isinstance(fractions, (list, tuple)) or len(fractions) != 3 or not all(map(number, fractions)) \
+        if not isinstance(fractions, (list, tuple)) or len(fractions) != 3 or not all(map(is_number, fractions)) \
                 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
             _bad("data.split_fractions", fractions, "three shares (train, val, test) >= 0 summing to 1")
         if not 1 <= self.min_objects <= self.max_objects:
@@ -182,18 +176,15 @@ def stage_settings(params: Mapping[str, Any], section: str) -> dict[str, Any]:
             ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
             + ([f"missing key(s) {', '.join(missing)}"] if missing else [])) + f"; its keys: {', '.join(keys)}")
 
-    def integer(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
     checks = {
         "split": (lambda v: v in SPLITS, " or ".join(repr(s) for s in SPLITS)),
         "mode": (lambda v: v in ("deterministic", "sample"), "'deterministic' or 'sample'"),
-        "batch_size": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
-        "num_images": (lambda v: v is None or integer(v) and v >= 1, "null (the whole split) or an integer >= 1"),
+        "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "num_images": (lambda v: v is None or is_int(v) and v >= 1, "null (the whole split) or an integer >= 1"),
         "device": (lambda v: isinstance(v, str), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         "threshold": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1,
                       "a presence probability between 0 and 1"),
-        "indices": (lambda v: isinstance(v, list) and v and all(integer(i) and i >= 0 for i in v),
+        "indices": (lambda v: isinstance(v, list) and v and all(is_int(i) and i >= 0 for i in v),
                     "a non-empty list of image indices (integers >= 0)"),
     }
     for key in keys:
