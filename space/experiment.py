@@ -201,32 +201,31 @@ def active_experiments(params: Mapping[str, Any]) -> list[str]:
 
 
 def data_identity(data: DataConfig, image_size: int, content: str | None = None) -> dict[str, Any]:
-    """What identifies an experiment's images (goes into the training run id). Generated and
-    downloaded images follow from the config; a user's folder does not, so its ``content``
-    fingerprint (:func:`folder_fingerprint`, from the data stage's manifest) enters too."""
+    """What identifies an experiment's images (goes into the training run id): the data config
+    and, from the data stage's manifest, the ``content`` fingerprint of the files
+    (:func:`data_fingerprint`), so that other images start a new run instead of resuming
+    checkpoints trained on the old ones."""
     identity = {**dataclasses.asdict(data), "image_size": image_size}
     if content is not None:
         identity["content"] = content
     return identity
 
 
-def folder_fingerprint(root: str | Path) -> str:
-    """SHA-256 over the names and bytes of a folder experiment's images and box files: what the
-    data stage records, so that new images start a new training run instead of resuming one
-    trained on the old ones."""
-    from .data.datasets import FolderDataset
-
-    root = Path(root)
-    files = list(FolderDataset(root, "all").paths)
-    if (root / "bb").is_dir():
-        files += sorted(p for p in (root / "bb").iterdir() if p.is_file() and p.suffix == ".txt")
+def data_fingerprint(exp: Experiment) -> str:
+    """SHA-256 over every file the three splits read (images, box files), with each file's split
+    and name: what the data stage records in its manifest. The manifest is what the later stages
+    depend on, so that DVC re-runs them when the images change (other data params, a generator
+    that draws differently, a user's folder with new images) and not otherwise."""
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
+    for split in SPLITS:
+        dataset = build_dataset(exp, split)
+        root = Path(exp.data.root)
+        for path in dataset.files():
+            digest.update(f"{split}\0{Path(path).relative_to(root)}\0".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
     return digest.hexdigest()
 
 

@@ -99,34 +99,48 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
     return results
 
 
+#: The table's columns for a box in pixels of the image file (the model sees it resized and cropped).
+FILE_BOX_COLUMNS = ("file_x_min", "file_y_min", "file_x_max", "file_y_max")
+
+
 def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_size: int = 32,
                       threshold: float = PRESENCE_THRESHOLD, mode: str = "deterministic",
                       num_images: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Detect objects in a dataset split and write them as a table and a JSON file.
 
     Writes ``<path>.parquet`` (or ``.csv`` where pyarrow is missing): one row per object with
-    image, object, x_min, y_min, x_max, y_max (pixels of the model-size image), presence, depth,
-    cell and z_what_0..z_what_{D-1}; and ``<path>.json``: per image, its objects. Both atomically.
+    image, file, object, x_min, y_min, x_max, y_max (pixels of the model-size image), presence,
+    depth, cell, file_x_min, file_y_min, file_x_max, file_y_max (the box in pixels of the image
+    file, undoing the resize and crop) and z_what_0..z_what_{D-1}; and ``<path>.json``: per image,
+    its file and objects. Both atomically. The file columns need a dataset of ``space.data``
+    (one with ``source(index)``); for other datasets they are left out.
     Returns a summary.
     """
     import pandas as pd
 
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
+    sources = hasattr(dataset, "source")  # our datasets: each item's file and its geometry
     rows, per_image, index = [], [], 0
     for x in tqdm(loader, desc="export", unit="batch", disable=not progress, dynamic_ncols=True):
         for detections in detect(model, x, threshold, mode):
+            source = dataset.source(index) if sources else None
             objects = []
             for k, d in enumerate(detections):
-                row = {"image": index, "object": k, **{f: getattr(d, f) for f in
-                                                          ("x_min", "y_min", "x_max", "y_max", "presence", "depth", "cell")}}
+                row = {"image": index, **({"file": source.path} if source else {}), "object": k,
+                       **{f: getattr(d, f) for f in ("x_min", "y_min", "x_max", "y_max", "presence", "depth", "cell")}}
+                obj = asdict(d)
+                if source:
+                    file_box = source.box(*d.box)
+                    row.update(zip(FILE_BOX_COLUMNS, file_box))
+                    obj["file_box"] = list(file_box)
                 row.update({f"z_what_{i}": v for i, v in enumerate(d.z_what)})
                 rows.append(row)
-                objects.append(asdict(d))
-            per_image.append({"image": index, "objects": objects})
+                objects.append(obj)
+            per_image.append({"image": index, **({"file": source.path} if source else {}), "objects": objects})
             index += 1
-    columns = ["image", "object", "x_min", "y_min", "x_max", "y_max", "presence", "depth", "cell"] + \
-        [f"z_what_{i}" for i in range(model.cfg.z_what_dim)]
+    columns = ["image", *(["file"] if sources else []), "object", "x_min", "y_min", "x_max", "y_max", "presence",
+               "depth", "cell", *(FILE_BOX_COLUMNS if sources else ()), *(f"z_what_{i}" for i in range(model.cfg.z_what_dim))]
     frame = pd.DataFrame(rows, columns=columns)
     path = Path(path)
     try:
@@ -137,7 +151,8 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
         table = path.with_suffix(".csv")
         atomic_write(table, lambda tmp: frame.to_csv(tmp, index=False))
     convention = ("boxes are x_min, y_min, x_max, y_max in pixels of the model-size image "
-                  f"({model.cfg.image_size} x {model.cfg.image_size}); pixel j spans [j, j+1)")
+                  f"({model.cfg.image_size} x {model.cfg.image_size}); pixel j spans [j, j+1)"
+                  + ("; file_box is the same box in pixels of the image file" if sources else ""))
     write_json(path.with_suffix(".json"), {"convention": convention, "threshold": threshold, "mode": mode,
                                            "images": per_image})
     return {"table": str(table), "json": str(path.with_suffix(".json")), "num_images": n, "num_objects": len(rows)}

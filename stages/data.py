@@ -1,6 +1,6 @@
 """Stage data: generate or download an experiment's images; write a small manifest."""
 from space.cli import stage_main
-from space.experiment import build_dataset, folder_fingerprint, load_experiment, prepare_data
+from space.experiment import build_dataset, data_fingerprint, load_experiment, prepare_data
 from space.io import write_json
 
 
@@ -11,9 +11,9 @@ def main(args):
     empty = [split for split, n in splits.items() if n == 0]
     if empty:
         raise ValueError(f"{root}: empty split(s) {', '.join(empty)}")
-    manifest = {"root": str(root), "source": exp.data.source, "splits": splits}
-    if exp.data.source == "folder":  # its images do not follow from params.yaml: record what they are
-        manifest["content"] = folder_fingerprint(root)
+    # The later stages depend on this file: the fingerprint of the images makes DVC re-run them
+    # when the images change, and enters the training run id (stages/train.py).
+    manifest = {"root": str(root), "source": exp.data.source, "splits": splits, "content": data_fingerprint(exp)}
     write_json(f"data/manifests/{exp.name}.json", manifest)
 
 

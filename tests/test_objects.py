@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,3 +105,35 @@ def test_detect_on_pil_images_warns_of_nothing():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr[-2000:]
+
+
+def test_export_gives_each_objects_file_and_its_box_in_the_files_pixels(tmp_path):
+    from PIL import Image
+    from space.data.datasets import AtariDataset, FolderDataset
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"wide.png": (96, 48), "tall.jpg": (40, 80)}.items():
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / name)
+    dataset = FolderDataset(folder, "all", image_size=32)
+    # shorter side scaled to 32, then the centre square: the model's whole image is the file's centre square
+    assert [(Path(dataset.source(i).path).name, dataset.source(i).box(0, 0, 32, 32)) for i in range(2)] == [
+        ("tall.jpg", (0.0, 20.0, 40.0, 60.0)), ("wide.png", (24.0, 0.0, 72.0, 48.0))]
+    model = Space(CFG).eval()
+    export_detections(model, dataset, tmp_path / "objects", batch_size=2, progress=False)
+    table = pd.read_parquet(tmp_path / "objects.parquet")
+    document = json.loads((tmp_path / "objects.json").read_text())
+    assert len(table) > 0 and list(table.columns[:3]) == ["image", "file", "object"]
+    for row in table.itertuples():
+        assert row.file == dataset.source(row.image).path
+        assert (row.file_x_min, row.file_y_min, row.file_x_max, row.file_y_max) == pytest.approx(
+            dataset.source(row.image).box(row.x_min, row.y_min, row.x_max, row.y_max))
+    assert [image["file"] for image in document["images"]] == [str(folder / "tall.jpg"), str(folder / "wide.png")]
+    first = document["images"][int(table.image[0])]["objects"][0]
+    assert first["file_box"] == pytest.approx([table.file_x_min[0], table.file_y_min[0], table.file_x_max[0],
+                                               table.file_y_max[0]])
+    # Atari frames are resized to the square without a crop
+    game = tmp_path / "atari" / "Pong-v0" / "test"
+    game.mkdir(parents=True)
+    Image.new("RGB", (160, 210)).save(game / "0.png")
+    assert AtariDataset(tmp_path / "atari", "test", image_size=128).source(0).box(0, 0, 128, 128) == (0, 0, 160, 210)

@@ -210,7 +210,7 @@ def test_output_best_writes_the_best_validation_checkpoint(tmp_path):
 def test_dvc_repro_runs_an_original_experiment_and_then_nothing(tmp_path):
     """The stages under DVC itself (the tests above call them directly): DVC checks every declared
     parameter before a stage runs. A copy of the pipeline with 3d_room_small at smoke size runs to
-    the end with `dvc repro`, and a second `dvc status` finds nothing to do."""
+    the end with `dvc repro`, a second `dvc status` finds nothing to do, and other data re-run it all."""
     import shutil
     for folder in ("stages", "space"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -235,6 +235,16 @@ def test_dvc_repro_runs_an_original_experiment_and_then_nothing(tmp_path):
     assert metrics["num_images"] == 2 and "ap_50" in metrics
     assert (tmp_path / "exports" / "3d_room_small.json").is_file()
     assert "up to date" in dvc("status")
+    # Other data (here other rooms: another generator seed) re-runs every later stage: they depend on
+    # the data stage's manifest, which holds the images' fingerprint. It held the split sizes only,
+    # and DVC went on to skip training, evaluation, demo and export on the new images.
+    params["exp"]["3d_room_small"]["data"]["seed"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = dvc("repro")
+    for stage in ("data", "train", "evaluate", "demo", "export"):
+        assert f"Running stage '{stage}@3d_room_small'" in out, out[-3000:]
+    assert len(list((tmp_path / "checkpoints" / "3d_room_small").iterdir())) == 2  # a new training run
+    assert "up to date" in dvc("status")
 
 
 def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
@@ -242,7 +252,7 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     images and boxes in the manifest, and it enters the training run id, so that changed images
     start a new run instead of resuming checkpoints trained on the old ones."""
     from PIL import Image
-    from space.experiment import data_identity, folder_fingerprint
+    from space.experiment import data_fingerprint, data_identity
     from space.training import run_id
 
     folder = tmp_path / "data" / "mine"
@@ -264,8 +274,13 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
         return json.loads(manifest.read_text())["content"]
 
     first = data_stage()
-    assert first == folder_fingerprint(folder) and data_stage() == first  # the same images, the same print
-    exp = load_experiment(params, "mine")
+    exp = load_experiment(path, "mine")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert first == data_fingerprint(exp) and data_stage() == first  # the same images, the same print
+        # the same images split otherwise (another split seed) are other data
+        assert data_fingerprint(load_experiment({**params, "exp": {"mine": {
+            **params["exp"]["mine"], "data": {"source": "folder", "root": "data/mine", "seed": 1}}}}, "mine")) != first
     ids = [run_id(exp.model, exp.train, data_identity(exp.data, 64, first))]
     Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "img3.png")  # one image replaced
     second = data_stage()
@@ -273,8 +288,6 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     third = data_stage()
     ids += [run_id(exp.model, exp.train, data_identity(exp.data, 64, c)) for c in (second, third)]
     assert len({first, second, third}) == 3 and len(set(ids)) == 3
-    # generated data follows from its config: no fingerprint, and the run ids stay as they were
-    assert "content" not in data_identity(load_experiment(PARAMS, "rooms").data, 64)
 
 
 def test_a_stage_prints_a_warning_once_on_its_own_line_above_the_progress_bar(tmp_path):
@@ -333,3 +346,54 @@ def test_stage_settings_name_the_key_at_fault(section, key, value, message):
     del params[section]
     with pytest.raises(ValueError, match=f"params.yaml needs a '{section}' section"):
         stage_settings(params, section)
+
+
+TRACE_DRIVER = '''
+import json, runpy, sys, threading
+root, stage, params = sys.argv[1:4]
+files = set()
+def record(frame, event, arg):
+    if event == "call" and frame.f_code.co_flags & 0x0002:  # CO_NEWLOCALS: a function, not a module or class body
+        files.add(frame.f_code.co_filename)
+sys.setprofile(record)
+threading.setprofile(record)
+sys.argv = [stage, "rooms", "--params", params]
+code = 0
+try:
+    runpy.run_module("stages." + stage, run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+sys.setprofile(None)
+print(json.dumps({"code": code, "files": sorted(f[len(root) + 1:] for f in files if f.startswith(root + "/space/"))}))
+'''
+
+
+def test_each_stage_lists_every_space_module_it_runs_among_its_dvc_deps(tmp_path):
+    """DVC re-runs a stage when one of its deps changes, so a module a stage calls into but does not
+    list would let a change to it go unseen. Each stage runs at smoke size under a profiler that
+    records the file of every function called; each file of `space` must be a dep of the stage (a
+    file, or a folder above it). space/cli.py parses the arguments and prints errors, and is exempt."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    entry = params["exp"]["rooms"]
+    entry["data"].update(root="data/rooms", num_train=4, num_val=2, num_test=2)
+    entry["train"].update(max_steps=2, batch_size=2, val_num_images=2, print_every=1, save_every=1, eval_every=1,
+                          plot_every=1, device="cpu")
+    params["evaluate"].update(batch_size=2, device="cpu")
+    params["export"].update(batch_size=2)
+    params["demo"]["indices"] = [0, 1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "driver.py").write_text(TRACE_DRIVER)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == ["data", "train", "evaluate", "demo", "export"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for stage, spec in stages.items():
+        result = subprocess.run([sys.executable, "driver.py", str(ROOT), stage, "params.yaml"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        run = json.loads(result.stdout.strip().splitlines()[-1])
+        assert run["code"] in (0, None), result.stderr[-3000:]
+        deps = spec["do"]["deps"]
+        unlisted = [f for f in run["files"] if f != "space/cli.py"
+                    and not any(f == dep or f.startswith(dep.rstrip("/") + "/") for dep in deps)]
+        assert not unlisted, f"stage {stage} runs code in {unlisted}, which dvc.yaml does not list among its deps"
+        assert f"stages/{stage}.py" in deps

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -109,6 +110,43 @@ def _resize_shorter_and_crop(image: Image.Image, size: int) -> Image.Image:
     if (new_w, new_h) != (size, size):
         image = image.crop((left, top, left + size, top + size))
     return image
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """Which file an item came from, and how its pixels map to the file's.
+
+    A point ``(x, y)`` in pixels of the model-size image lies at
+    ``((x + left) * scale_x, (y + top) * scale_y)`` in pixels of the file (pixel edges at
+    integers, as in the boxes).
+    """
+
+    path: str
+    scale_x: float
+    scale_y: float
+    left: int = 0
+    top: int = 0
+
+    def box(self, x_min: float, y_min: float, x_max: float, y_max: float) -> tuple[float, float, float, float]:
+        """A box ``(x_min, y_min, x_max, y_max)`` of the model-size image, in pixels of the file."""
+        return ((x_min + self.left) * self.scale_x, (y_min + self.top) * self.scale_y,
+                (x_max + self.left) * self.scale_x, (y_max + self.top) * self.scale_y)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"Cannot read image {path}: {err}") from None
+
+
+def _cropped_source(path: Path, size: int) -> SourceImage:
+    """The geometry of :func:`_resize_shorter_and_crop` for the file at ``path``."""
+    w, h = _image_size(path)
+    new_w, new_h, left, top = _square_transform((w, h), size)
+    return SourceImage(str(path), w / new_w, h / new_h, left, top)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -257,12 +295,25 @@ class Obj3dDataset(Dataset):
         """Whether ``boxes(i)`` is available."""
         return self._with_boxes
 
+    def files(self) -> list[Path]:
+        """Every file this split reads: images, box files and ``meta.json`` (the boxes' pixel size)."""
+        files = list(self.paths)
+        if self._with_boxes:
+            files += [self.box_dir / f"bb_{i}.txt" for i in range(len(self.paths))]
+        if (self.root / "meta.json").is_file():
+            files.append(self.root / "meta.json")
+        return files
+
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = _resize_shorter_and_crop(load_image(self.paths[index]), self.image_size)
         return _to_tensor(image)  # (3, S, S)
+
+    def source(self, index: int) -> SourceImage:
+        """The file of item ``index`` and the map from its pixels to the file's."""
+        return _cropped_source(self.paths[index], self.image_size)
 
     def boxes(self, index: int, dtype: np.dtype = np.float32) -> np.ndarray:
         """Ground-truth boxes of image ``index``.
@@ -353,6 +404,10 @@ class AtariDataset(Dataset):
         """Always False: there are no Atari ground-truth boxes (SPEC 10.2)."""
         return False
 
+    def files(self) -> list[Path]:
+        """Every file this split reads (its frames)."""
+        return [self.root / relative for relative in self.relative_paths]
+
     def __len__(self) -> int:
         return len(self.relative_paths)
 
@@ -364,6 +419,12 @@ class AtariDataset(Dataset):
             array = array[:, :, ::-1]
         # float64 division then float32, exactly like the original.
         return torch.from_numpy(array / 255).permute(2, 0, 1).float().contiguous()  # (3, S, S)
+
+    def source(self, index: int) -> SourceImage:
+        """The file of item ``index`` and the map from its pixels to the file's (a plain resize)."""
+        path = self.root / self.relative_paths[index]
+        w, h = _image_size(path)
+        return SourceImage(str(path), w / self.image_size, h / self.image_size)
 
 
 class FolderDataset(Dataset):
@@ -438,12 +499,20 @@ class FolderDataset(Dataset):
         """Whether a ``bb/`` folder gives boxes."""
         return self.box_dir.is_dir()
 
+    def files(self) -> list[Path]:
+        """Every file this split reads: its images and, with ``bb/``, their box files."""
+        return list(self.paths) + ([self.box_dir / f"{p.stem}.txt" for p in self.paths] if self.has_boxes else [])
+
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = _resize_shorter_and_crop(load_image(self.paths[index]), self.image_size)
         return _to_tensor(image)  # (3, S, S)
+
+    def source(self, index: int) -> SourceImage:
+        """The file of item ``index`` and the map from its pixels to the file's."""
+        return _cropped_source(self.paths[index], self.image_size)
 
     def boxes(self, index: int, dtype: np.dtype = np.float32) -> np.ndarray:
         """Boxes of image ``index`` as (M, 4) normalised ``[y_min, y_max, x_min, x_max]``."""
