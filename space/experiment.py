@@ -211,20 +211,25 @@ def data_identity(data: DataConfig, image_size: int, content: str | None = None)
     return identity
 
 
-def data_fingerprint(exp: Experiment) -> str:
+def data_fingerprint(exp: Experiment, progress: bool = True) -> str:
     """SHA-256 over every file the three splits read (images, box files), with each file's split
     and name: what the data stage records in its manifest. The manifest is what the later stages
     depend on, so that DVC re-runs them when the images change (other data params, a generator
     that draws differently, a user's folder with new images) and not otherwise."""
+    from tqdm import tqdm
+
+    root = Path(exp.data.root)
+    files = [(split, Path(path)) for split in SPLITS for path in build_dataset(exp, split).files()]
+    total = sum(path.stat().st_size for _, path in files)
     digest = hashlib.sha256()
-    for split in SPLITS:
-        dataset = build_dataset(exp, split)
-        root = Path(exp.data.root)
-        for path in dataset.files():
-            digest.update(f"{split}\0{Path(path).relative_to(root)}\0".encode())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=not progress or total < 1 << 28,
+              dynamic_ncols=True) as bar:  # a bar from 256 MiB on (the downloaded datasets)
+        for split, path in files:
+            digest.update(f"{split}\0{path.relative_to(root)}\0".encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
+                    bar.update(len(block))
             digest.update(b"\0")
     return digest.hexdigest()
 
