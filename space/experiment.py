@@ -256,7 +256,7 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
     d = exp.data
     root = Path(d.root)
     marker = root / GENERATED_MARKER
-    wanted = data_identity(d, exp.model.image_size)
+    wanted = json.loads(json.dumps(data_identity(d, exp.model.image_size)))  # as read back (tuples become lists)
     fresh = d.source in ("rooms", "ale") and not (marker.is_file() and json.loads(marker.read_text()) == wanted)
     if d.source == "rooms":
         if fresh:

@@ -397,3 +397,23 @@ def test_each_stage_lists_every_space_module_it_runs_among_its_dvc_deps(tmp_path
                     and not any(f == dep or f.startswith(dep.rstrip("/") + "/") for dep in deps)]
         assert not unlisted, f"stage {stage} runs code in {unlisted}, which dvc.yaml does not list among its deps"
         assert f"stages/{stage}.py" in deps
+
+
+def test_generated_data_is_made_once_and_again_only_when_its_settings_change(tmp_path, monkeypatch):
+    # The marker was compared with the settings as Python holds them: split_fractions is a tuple
+    # there and a list once read back from JSON, so every data stage regenerated the images.
+    import space.data as datasets
+    from space.experiment import prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    real = datasets.generate_rooms
+    monkeypatch.setattr(datasets, "generate_rooms", lambda *a, **k: calls.append(k) or real(*a, **k))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["rooms"]["data"].update(root="data/r", num_train=2, num_val=1, num_test=1)
+    for _ in range(2):
+        prepare_data(load_experiment(params, "rooms"), progress=False)
+    assert len(calls) == 1
+    params["exp"]["rooms"]["data"]["seed"] = 5
+    prepare_data(load_experiment(params, "rooms"), progress=False)
+    assert len(calls) == 2 and calls[-1]["seed"] == 5
