@@ -204,11 +204,17 @@ def data_identity(data: DataConfig, image_size: int, content: str | None = None)
     """What identifies an experiment's images (goes into the training run id): the data config
     and, from the data stage's manifest, the ``content`` fingerprint of the files
     (:func:`data_fingerprint`), so that other images start a new run instead of resuming
-    checkpoints trained on the old ones."""
+    checkpoints trained on the old ones, while the same files moved elsewhere resume it."""
     identity = {**dataclasses.asdict(data), "image_size": image_size}
-    if content is not None:
+    if content is not None:  # the files themselves are known: where they lie or came from is no longer part of it
+        for key in LOCATION_KEYS:
+            del identity[key]
         identity["content"] = content
     return identity
+
+
+#: Data settings that say where the files are or come from, not what they hold.
+LOCATION_KEYS = ("root", "archive_dir", "url")
 
 
 def data_fingerprint(exp: Experiment, progress: bool = True) -> str:

@@ -1,6 +1,6 @@
 """Stage data: generate or download an experiment's images; write a small manifest."""
 from space.cli import stage_main
-from space.experiment import build_dataset, data_fingerprint, load_experiment, prepare_data
+from space.experiment import build_dataset, data_fingerprint, data_identity, load_experiment, prepare_data
 from space.io import write_json
 
 
@@ -13,7 +13,10 @@ def main(args):
         raise ValueError(f"{root}: empty split(s) {', '.join(empty)}")
     # The later stages depend on this file: the fingerprint of the images makes DVC re-run them
     # when the images change, and enters the training run id (stages/train.py).
-    manifest = {"root": str(root), "source": exp.data.source, "splits": splits, "content": data_fingerprint(exp)}
+    content = data_fingerprint(exp)
+    manifest = {"root": str(root), "source": exp.data.source, "splits": splits, "content": content,
+                # settings that change how the files are read (data.bgr) re-run the later stages too
+                "identity": data_identity(exp.data, exp.model.image_size, content)}
     write_json(f"data/manifests/{exp.name}.json", manifest)
 
 

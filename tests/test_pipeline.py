@@ -288,6 +288,13 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     third = data_stage()
     ids += [run_id(exp.model, exp.train, data_identity(exp.data, 64, c)) for c in (second, third)]
     assert len({first, second, third}) == 3 and len(set(ids)) == 3
+    # the same files elsewhere are the same data: a moved folder resumes its run
+    moved = dataclasses.replace(exp.data, root="elsewhere/mine")
+    assert run_id(exp.model, exp.train, data_identity(moved, 64, third)) == ids[-1]
+    # a setting that changes how the files are read is in the manifest the later stages depend on
+    manifest_identity = json.loads(manifest.read_text())["identity"]
+    assert manifest_identity["content"] == third and "root" not in manifest_identity
+    assert data_identity(dataclasses.replace(exp.data, bgr=True), 64, third) != data_identity(exp.data, 64, third)
 
 
 def test_a_stage_prints_a_warning_once_on_its_own_line_above_the_progress_bar(tmp_path):
