@@ -193,6 +193,29 @@ def stage_settings(params: Mapping[str, Any], section: str) -> dict[str, Any]:
     return dict(settings)
 
 
+def check_generated_root(params: Mapping[str, Any], name: str) -> None:
+    """Refuse a generated dataset whose ``data.root`` another experiment generates with other settings:
+    each data stage would replace the other's images under it."""
+    exp = load_experiment(params, name)
+    if exp.data.source not in ("rooms", "ale"):
+        return
+    mine = data_identity(exp.data, exp.model.image_size)
+    for other_name in params.get("exp") or {}:
+        if other_name == name:
+            continue
+        try:
+            other = load_experiment(params, other_name)
+        except ValueError:  # its own stages will say what is wrong with it
+            continue
+        if other.data.source in ("rooms", "ale") and Path(other.data.root) == Path(exp.data.root):
+            theirs = data_identity(other.data, other.model.image_size)
+            differ = [f"{key} {mine[key]!r} against {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+            if differ:
+                raise ValueError(f"exp.{name}.data.root {exp.data.root!r} is also where exp.{other_name} generates its "
+                                 f"data, with other settings ({'; '.join(differ)}): each data stage would replace the "
+                                 f"other's images; give one of them its own data.root")
+
+
 def active_experiments(params: Mapping[str, Any]) -> list[str]:
     names = params.get("experiments") or []
     for name in names:

@@ -1,11 +1,15 @@
 """Stage data: generate or download an experiment's images; write a small manifest."""
 from space.cli import stage_main
-from space.experiment import build_dataset, data_fingerprint, data_identity, load_experiment, prepare_data
+from space.config import load_params
+from space.experiment import (build_dataset, check_generated_root, data_fingerprint, data_identity, load_experiment,
+                              prepare_data)
 from space.io import write_json
 
 
 def main(args):
-    exp = load_experiment(args.params, args.experiment)
+    params = load_params(args.params)
+    exp = load_experiment(params, args.experiment)
+    check_generated_root(params, args.experiment)
     root = prepare_data(exp)
     splits = {split: len(build_dataset(exp, split)) for split in ("train", "val", "test")}
     empty = [split for split, n in splits.items() if n == 0]

@@ -424,3 +424,17 @@ def test_generated_data_is_made_once_and_again_only_when_its_settings_change(tmp
     params["exp"]["rooms"]["data"]["seed"] = 5
     prepare_data(load_experiment(params, "rooms"), progress=False)
     assert len(calls) == 2 and calls[-1]["seed"] == 5
+
+
+def test_two_experiments_generating_different_data_into_one_root_are_refused():
+    from space.experiment import check_generated_root
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["small"] = {**params["exp"]["rooms"], "data": {**params["exp"]["rooms"]["data"], "max_size": 0.2}}
+    with pytest.raises(ValueError) as error:
+        check_generated_root(params, "small")
+    assert ("exp.small.data.root 'data/rooms64' is also where exp.rooms generates its data, with other settings "
+            "(max_size 0.2 against 0.22)") in str(error.value)
+    params["exp"]["small"]["data"]["root"] = "data/rooms64_small"
+    check_generated_root(params, "small")  # its own root
+    params["exp"]["same"] = params["exp"]["rooms"]  # the same settings share a root without harm
+    check_generated_root(params, "same")
