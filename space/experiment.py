@@ -31,6 +31,7 @@ from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
 DOWNLOADED = ("OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI")
+GENERATED = ("rooms", "ale")  # made by the data stage from the data settings
 GENERATED_MARKER = ".generated-from.json"  # in a generated dataset's root
 
 
@@ -70,7 +71,7 @@ class DataConfig:
                 _bad(f"data.{key}", getattr(self, key), "a path")
         if self.url is not None and not isinstance(self.url, str):
             _bad("data.url", self.url, "null or a URL")
-        generated = self.source in ("rooms", "ale")
+        generated = self.source in GENERATED
         for key in ("num_train", "num_val", "num_test"):
             if not is_int(getattr(self, key)) or getattr(self, key) < (1 if generated else 0):
                 _bad(f"data.{key}", getattr(self, key), "an integer >= 1 (the data stage generates every split)"
@@ -197,7 +198,7 @@ def check_generated_root(params: Mapping[str, Any], name: str) -> None:
     """Refuse a generated dataset whose ``data.root`` another experiment generates with other settings:
     each data stage would replace the other's images under it."""
     exp = load_experiment(params, name)
-    if exp.data.source not in ("rooms", "ale"):
+    if exp.data.source not in GENERATED:
         return
     mine = data_identity(exp.data, exp.model.image_size)
     for other_name in params.get("exp") or {}:
@@ -207,7 +208,7 @@ def check_generated_root(params: Mapping[str, Any], name: str) -> None:
             other = load_experiment(params, other_name)
         except ValueError:  # its own stages will say what is wrong with it
             continue
-        if other.data.source in ("rooms", "ale") and Path(other.data.root) == Path(exp.data.root):
+        if other.data.source in GENERATED and Path(other.data.root) == Path(exp.data.root):
             theirs = data_identity(other.data, other.model.image_size)
             differ = [f"{key} {mine[key]!r} against {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
             if differ:
@@ -286,7 +287,7 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
     root = Path(d.root)
     marker = root / GENERATED_MARKER
     wanted = json.loads(json.dumps(data_identity(d, exp.model.image_size)))  # as read back (tuples become lists)
-    fresh = d.source in ("rooms", "ale") and not (marker.is_file() and json.loads(marker.read_text()) == wanted)
+    fresh = d.source in GENERATED and not (marker.is_file() and json.loads(marker.read_text()) == wanted)
     if d.source == "rooms":
         if fresh:
             datasets.generate_rooms(root, image_size=exp.model.image_size, num_train=d.num_train,
