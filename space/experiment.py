@@ -264,6 +264,38 @@ def data_fingerprint(exp: Experiment, progress: bool = True) -> str:
     return digest.hexdigest()
 
 
+def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> None:
+    """Decodes every image and reads every box file of the three splits, so that a corrupt or
+    truncated image, or a malformed box line, stops the data stage and names each file at fault,
+    instead of stopping a training run when a batch first needs the file (hours in, perhaps).
+
+    Raises:
+        ValueError: Listing up to ``most`` of the files at fault and how many there are.
+    """
+    from tqdm import tqdm
+
+    from .data.datasets import check_image
+
+    datasets = [build_dataset(exp, split) for split in SPLITS]
+    problems: list[str] = []
+    with tqdm(total=sum(map(len, datasets)), desc="check", unit="image", disable=not progress,
+              dynamic_ncols=True, mininterval=1.0) as bar:
+        for dataset in datasets:
+            for index in range(len(dataset)):
+                try:
+                    check_image(dataset.source(index).path, exp.model.image_size)
+                    if dataset.has_boxes:
+                        dataset.boxes(index)
+                except (OSError, ValueError) as err:
+                    problems.append(str(err))
+                bar.update()
+    if problems:
+        shown = "".join(f"\n  {problem}" for problem in problems[:most])
+        more = f"\n  ... and {len(problems) - most} more" if len(problems) > most else ""
+        raise ValueError(f"{len(problems)} of the {sum(map(len, datasets))} images of {exp.data.root} (or their box "
+                         f"files) cannot be used:{shown}{more}")
+
+
 def build_dataset(exp: Experiment, split: str) -> Dataset:
     """The dataset of one split ('train', 'val' or 'test') of an experiment, at the model's size."""
     from . import data as datasets

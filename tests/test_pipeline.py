@@ -297,6 +297,35 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     assert data_identity(dataclasses.replace(exp.data, bgr=True), 64, third) != data_identity(exp.data, 64, third)
 
 
+def test_the_data_stage_names_every_image_and_box_file_it_cannot_use(tmp_path):
+    """A truncated image or a malformed box line stops the data stage, naming each file, rather than
+    a training run when a batch first needs the file; without them the stage passes."""
+    from PIL import Image
+
+    folder = tmp_path / "data" / "mine"
+    (folder / "bb").mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (60 + i, 45), (20 * i, 100, 50)).save(folder / f"img{i}.jpg", quality=95)
+        (folder / "bb" / f"img{i}.txt").write_text("20,15,8,8\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["experiments"] = ["mine"]
+    params["exp"]["mine"] = {"data": {"source": "folder", "root": "data/mine"},
+                             "model": {"image_size": 32, "G": 4}, "train": {}, "pretrained": None}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert run_stage("data", "mine", tmp_path, path).returncode == 0
+    whole = (folder / "img5.jpg").read_bytes()
+    (folder / "img5.jpg").write_bytes(whole[:len(whole) * 2 // 3])  # its header intact, its end gone
+    (folder / "bb" / "img9.txt").write_text("20,15,8,8\n1,2,3\n")
+    result = run_stage("data", "mine", tmp_path, path)
+    assert result.returncode == 1
+    assert "2 of the 12 images of data/mine (or their box files) cannot be used" in result.stderr
+    assert re.search(r"Cannot read image data/mine/img5\.jpg: [^\n]*\. The file is corrupt or truncated", result.stderr)
+    assert "data/mine/bb/img9.txt, line 2: expected 'centre_x,centre_y,width,height' in pixels, got '1,2,3'" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_stage_prints_a_warning_once_on_its_own_line_above_the_progress_bar(tmp_path):
     # The stages log through tqdm.write: a plain stream handler wrote into the bar's line
     # ("train:  48%|...| 10/21 [...]WARNING space.training: ..."), and the trainer wrote each

@@ -31,6 +31,7 @@ __all__ = [
     "Obj3dDataset",
     "AtariDataset",
     "FolderDataset",
+    "check_image",
     "load_image",
     "read_box_file",
 ]
@@ -80,10 +81,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             image.load()  # decode now, so truncation surfaces here
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(
-            f"Cannot read image {path}: {err}. The file is corrupt or truncated; "
-            f"delete or replace it (re-download or regenerate the dataset)."
-        ) from None
+        raise ValueError(_unreadable(path, err)) from None
+
+
+def check_image(path: str | os.PathLike, size: int | None = None) -> None:
+    """Decodes an image file to its end, raising :func:`load_image`'s error if it cannot.
+
+    With ``size``, a JPEG is decoded at the smallest of its reduced scales that is still at least
+    ``size`` pixels on each side: every byte of it is still read and entropy-decoded, so
+    truncation and corruption still surface, in a fraction of the time.
+    """
+    try:
+        with Image.open(path) as image:
+            if size:
+                image.draft("RGB", (size, size))
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(_unreadable(path, err)) from None
+
+
+def _unreadable(path: str | os.PathLike, err: BaseException) -> str:
+    return (f"Cannot read image {path}: {err}. The file is corrupt or truncated; "
+            f"delete or replace it (re-download or regenerate the dataset).")
 
 
 def _square_transform(size: tuple[int, int], out: int) -> tuple[int, int, int, int]:
@@ -139,7 +158,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             return image.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"Cannot read image {path}: {err}") from None
+        raise ValueError(_unreadable(path, err)) from None
 
 
 def _cropped_source(path: Path, size: int) -> SourceImage:
