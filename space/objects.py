@@ -42,28 +42,57 @@ class Detection:
 
 
 def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Images (a (B,3,H,W) tensor in [0, 1], or a list of PIL images / HxWx3 uint8 arrays) resized
-    to the model's square size; also returns each input's (height, width)."""
+    """Images resized to the model's square size, as a (B, 3, size, size) float tensor in [0, 1];
+    also returns each input's (height, width).
+
+    ``images``: a (B, 3, H, W) or (3, H, W) tensor (float in [0, 1], or uint8 in 0..255), or one
+    image or a list of them, each a PIL image (any mode: converted to RGB as the datasets do) or
+    an (H, W, 3) array (uint8, or float in [0, 1]; (H, W) grey and (H, W, 4) with alpha are
+    taken as PIL takes them: grey repeated, alpha dropped).
+    """
     if torch.is_tensor(images):
-        x = images.float()
+        if images.dim() not in (3, 4) or images.shape[-3] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) or (3, H, W) image tensor, got shape {tuple(images.shape)}")
+        x = _unit_range(images, "the image tensor")
         if x.dim() == 3:
             x = x[None]
         shapes = [tuple(x.shape[-2:])] * x.size(0)
-    else:
-        tensors, shapes = [], []
-        for image in images:
-            array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-            if array.ndim != 3 or array.shape[2] != 3:
-                raise ValueError(f"expected an RGB image (H, W, 3), got an array of shape {array.shape}")
-            t = torch.from_numpy(np.array(array)).permute(2, 0, 1).float()  # a copy: PIL's arrays are read-only
-            tensors.append(t / 255.0 if array.dtype == np.uint8 else t)
-            shapes.append(array.shape[:2])
-        x = torch.stack([F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-                         if t.shape[-2:] != (size, size) else t for t in tensors])
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         return x, shapes
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        images = [images]  # one image
+    tensors, shapes = [], []
+    for k, image in enumerate(images):
+        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        elif array.ndim == 3 and array.shape[2] in (1, 4):
+            array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
+        if array.ndim != 3 or array.shape[2] != 3:
+            hint = "; a channels-first (3, H, W) image goes in as a torch tensor" if array.ndim == 3 and array.shape[0] == 3 else ""
+            raise ValueError(f"image {k}: expected an RGB image (H, W, 3), got an array of shape {array.shape}{hint}")
+        t = _unit_range(torch.from_numpy(np.array(array)), f"image {k}")  # a copy: PIL's arrays are read-only
+        tensors.append(t.permute(2, 0, 1))
+        shapes.append(array.shape[:2])
+    if not tensors:
+        raise ValueError("no images given")
+    x = torch.stack([F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+                     if t.shape[-2:] != (size, size) else t for t in tensors])
     return x, shapes
+
+
+def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
+    """uint8 values 0..255 divided by 255; float ones checked to lie in [0, 1]."""
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    if not t.is_floating_point():
+        raise ValueError(f"{what}: expected uint8 values (0..255) or float ones in [0, 1], got {t.dtype}")
+    t = t.float()
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        raise ValueError(f"{what}: float values must lie in [0, 1], got {t.min().item():g}..{t.max().item():g} "
+                         f"(for 0..255, pass uint8 or divide by 255)")
+    return t
 
 
 @torch.no_grad()
@@ -73,8 +102,9 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
 
     Args:
         model: a SPACE model (put in eval mode for this call).
-        images: a (B, 3, H, W) float tensor in [0, 1] or a list of PIL images / uint8 arrays of
-            any size; they are resized to the model's size and boxes are mapped back.
+        images: a (B, 3, H, W) tensor (float in [0, 1] or uint8), or one or a list of PIL images
+            or (H, W, 3) arrays (uint8, or float in [0, 1]), of any size; they are resized to the
+            model's size and boxes are mapped back.
     Returns:
         per image, a list of :class:`Detection`, most confident first.
     """

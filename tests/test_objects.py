@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,39 @@ def test_detect_maps_boxes_to_the_input_size_and_sorts_by_presence():
         assert a.x_min == pytest.approx(b.x_min * 3, rel=1e-4) and a.y_max == pytest.approx(b.y_max * 1.5, rel=1e-4)
         assert len(a.z_what) == CFG.z_what_dim and a.presence > 0.5
     assert [d.presence for d in big] == sorted((d.presence for d in big), reverse=True)
+
+
+def test_detect_takes_each_form_of_an_image_alike_and_refuses_values_it_would_misread():
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = Space(CFG).eval()
+    rgb = (np.random.default_rng(1).random((48, 40, 3)) * 255).astype(np.uint8)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+
+    def boxes(images):
+        (found,) = model.detect(images)
+        return np.array([d.box for d in found])
+
+    expected = boxes([rgb])
+    assert len(expected)
+    for same in (rgb, Image.fromarray(rgb), [Image.fromarray(rgb)], chw, chw[None], chw.float() / 255,
+                 rgb.astype(np.float32) / 255, np.dstack([rgb, np.full((48, 40), 7, np.uint8)])):
+        np.testing.assert_allclose(boxes(same), expected, atol=1e-4)
+    grey = rgb[:, :, 0]
+    np.testing.assert_allclose(boxes(grey), boxes(np.dstack([grey] * 3)), atol=1e-4)
+    np.testing.assert_allclose(boxes(Image.fromarray(grey)), boxes(np.dstack([grey] * 3)), atol=1e-4)
+    refused = {  # values a silent guess would misread, and shapes that are not an RGB image
+        "float values must lie in [0, 1], got 0..254": [rgb.astype(np.float64)],
+        "float values must lie in [0, 1]": chw.float(),
+        "expected uint8 values (0..255) or float ones in [0, 1], got torch.int64": [rgb.astype(np.int64)],
+        "a channels-first (3, H, W) image goes in as a torch tensor": [chw.numpy()],
+        "expected a (B, 3, H, W) or (3, H, W) image tensor, got shape (2, 1, 48, 40)": torch.rand(2, 1, 48, 40),
+        "no images given": [],
+    }
+    for message, images in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            model.detect(images)
 
 
 def test_export_writes_a_table_and_json_that_read_back(tmp_path):
