@@ -13,6 +13,7 @@ Layout of params.yaml::
         model: {...}              # space.config.ModelConfig keys
         train: {...}              # space.config.TrainConfig keys
         pretrained: null          # or a checkpoint path: evaluate and demo it without training
+                                  # (an original-format file takes this experiment's model settings)
 """
 from __future__ import annotations
 
@@ -113,8 +114,7 @@ class Experiment:
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
-    pretrained: str | None = None
-    original: str | None = None  # for a pretrained original-format file: its configuration name
+    pretrained: str | None = None  # a checkpoint to evaluate and demo without training
 
 
 def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experiment:
@@ -126,14 +126,17 @@ def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experi
         raise ValueError(f"unknown experiment {name!r}; defined under 'exp' in params.yaml: "
                          f"{', '.join(experiments) or '(none)'}")
     entry = dict(experiments[name] or {})
-    allowed = {"data", "model", "train", "pretrained", "original"}
+    allowed = {"data", "model", "train", "pretrained"}
+    if "original" in entry:  # an earlier key, which DVC did not track
+        raise ValueError(f"exp.{name}.original is no longer read: an original-format pretrained file takes the "
+                         f"experiment's own model settings (exp.{name}.model); delete the key")
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ValueError(f"unknown key(s) in 'exp.{name}': {', '.join(unknown)}; allowed keys: {', '.join(sorted(allowed))}")
     data = from_dict(DataConfig, entry.get("data"), f"exp.{name}.data")
     model = from_dict(ModelConfig, _overridden(entry, params, "model"), f"exp.{name}.model")
     train = from_dict(TrainConfig, _overridden(entry, params, "train"), f"exp.{name}.train")
-    return Experiment(name, data, model, train, entry.get("pretrained"), entry.get("original"))
+    return Experiment(name, data, model, train, entry.get("pretrained"))
 
 
 #: Model keys that the top-level 'model' section may set for every experiment: they change how

@@ -16,7 +16,9 @@ import torch
 
 import space
 from space.allocator import flush_denormals, retain_freed_memory
+from space.checkpoint import CheckpointError, checkpoint_configs, load_weights, read_checkpoint
 from space.cli import stage_main
+from space.config import to_dict
 from space.evaluation import resolve_device
 from space.experiment import build_dataset, data_identity, load_experiment
 from space.training import Trainer, dist_env, run_id, shutdown_distributed, under_torchrun
@@ -46,13 +48,38 @@ def relaunch(nproc_per_node: int, device: str, experiment: str, params: str) -> 
                            f"checkpoint")
 
 
+def import_pretrained(exp) -> space.Space:
+    """The experiment's ``pretrained`` file as a model. Our checkpoints carry the configuration
+    they were trained with (a warning names where it differs from ``exp.<name>.model``); an
+    original-format file carries none and takes the experiment's ``model`` settings, which DVC
+    tracks (the five original experiments of params.yaml hold the original's values)."""
+    path = exp.pretrained
+    ckpt = read_checkpoint(path)
+    ours = "config" in ckpt
+    model = space.Space(checkpoint_configs(ckpt, path)[0] if ours else exp.model)
+    try:
+        load_weights(model, ckpt, str(path))
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}\n  an original-format file takes the settings of exp.{exp.name}.model; make them "
+                              f"those it was trained with (the five original experiments in params.yaml hold the "
+                              f"original's)") from None
+    if ours:
+        mine, theirs = to_dict(exp.model), to_dict(model.cfg)
+        differ = [f"{key} {theirs[key]!r} (exp.{exp.name}.model: {mine[key]!r})" for key in theirs
+                  if key not in ("fast_path", "low_memory") and theirs[key] != mine.get(key)]
+        if differ:
+            log.warning("%s was trained with other model settings than exp.%s.model, and is evaluated with its own: %s",
+                        path, exp.name, "; ".join(differ))
+    return model
+
+
 def main(args):
     exp = load_experiment(args.params, args.experiment)
     out, curves = Path(f"models/{exp.name}.pth"), Path(f"plots/train/{exp.name}.csv")
     env = dist_env()
     if exp.pretrained:  # evaluate and demo a published checkpoint without training
         if env.is_main:
-            model = space.load(exp.pretrained, original=exp.original)
+            model = import_pretrained(exp)
             space.save_checkpoint(out, model, None, step=0, epoch=0)
             curves.parent.mkdir(parents=True, exist_ok=True)
             curves.write_text("step,loss\n")

@@ -65,13 +65,14 @@ def test_original_experiment_runs_through_its_stages(name, tmp_path):
 
 
 def test_a_pretrained_original_checkpoint_is_evaluated_and_drawn_without_training(tmp_path):
-    """exp.<name>.pretrained: the train stage imports the file (original format, config from its
-    name) instead of training, and evaluate, demo and export run on it."""
+    """exp.<name>.pretrained: the train stage imports the file (original format, under any name:
+    the experiment's model settings are its configuration) instead of training, and evaluate, demo
+    and export run on it."""
     params_path = smoke_params("3d_room_small", tmp_path)
     (tmp_path / "pretrained").mkdir()
-    state = synthesise_original("3d_room_small", tmp_path / "pretrained" / "3d_room_small.pth")
+    state = synthesise_original("3d_room_small", tmp_path / "pretrained" / "renamed.pth")
     params = yaml.safe_load(params_path.read_text())
-    params["exp"]["3d_room_small"]["pretrained"] = "pretrained/3d_room_small.pth"
+    params["exp"]["3d_room_small"]["pretrained"] = "pretrained/renamed.pth"
     params["exp"]["3d_room_small"]["train"]["max_steps"] = 10 ** 9  # would not end if it trained
     params_path.write_text(yaml.safe_dump(params))
     out = {}
@@ -89,6 +90,38 @@ def test_a_pretrained_original_checkpoint_is_evaluated_and_drawn_without_trainin
     assert metrics["num_images"] == 2 and metrics["mse"] is not None and "not finite" not in out["evaluate"]
     assert (tmp_path / "plots" / "demo" / "3d_room_small.png").is_file()
     assert (tmp_path / "exports" / "3d_room_small.parquet").is_file()
+
+
+def test_a_pretrained_file_that_does_not_fit_the_experiment_is_named(tmp_path):
+    """An original-format file takes the experiment's model settings (which DVC tracks): one of
+    another architecture is refused naming the keys and the settings; one of our checkpoints keeps
+    its own configuration, with a warning naming each setting that differs from the experiment's."""
+    import space
+
+    params_path = smoke_params("3d_room_small", tmp_path)
+    (tmp_path / "pretrained").mkdir()
+    synthesise_original("atari_spaceinvaders", tmp_path / "pretrained" / "3d_room_small.pth")  # G 16 under G 8's name
+    model = space.Space(dataclasses.replace(load_experiment(params_path, "3d_room_small").model, K=3))
+    space.save_checkpoint(tmp_path / "pretrained" / "ours.pth", model, None, step=0, epoch=0)
+    params = yaml.safe_load(params_path.read_text())
+    entry = params["exp"]["3d_room_small"]
+
+    def train_stage(**changes):
+        entry.update(changes)
+        params_path.write_text(yaml.safe_dump(params))
+        return run_stage("train", "3d_room_small", tmp_path, params_path)
+
+    result = train_stage(pretrained="pretrained/3d_room_small.pth")
+    assert result.returncode == 1
+    assert "fg_module.img_encoder.offset: checkpoint (2, 16, 16), model (2, 8, 8)" in result.stderr
+    assert "an original-format file takes the settings of exp.3d_room_small.model" in result.stderr
+    result = train_stage(pretrained="pretrained/ours.pth")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pretrained/ours.pth was trained with other model settings than exp.3d_room_small.model, and is " \
+           "evaluated with its own: K 3 (exp.3d_room_small.model: 5)" in result.stderr
+    assert space.load(tmp_path / "models" / "3d_room_small.pth").cfg.K == 3
+    result = train_stage(original="3d_room_small")
+    assert result.returncode == 1 and "exp.3d_room_small.original is no longer read" in result.stderr
 
 
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)
