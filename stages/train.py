@@ -60,6 +60,8 @@ def import_pretrained(exp) -> space.Space:
     try:
         load_weights(model, ckpt, str(path))
     except CheckpointError as err:
+        if ours:
+            raise
         raise CheckpointError(f"{err}\n  an original-format file takes the settings of exp.{exp.name}.model; make them "
                               f"those it was trained with (the five original experiments in params.yaml hold the "
                               f"original's)") from None
