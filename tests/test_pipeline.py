@@ -280,6 +280,25 @@ def test_dvc_repro_runs_an_original_experiment_and_then_nothing(tmp_path):
     assert "up to date" in dvc("status")
 
 
+def folder_experiment(tmp_path: Path, sizes: list[tuple[int, int]], suffix: str, **model) -> tuple[Path, Path]:
+    """A user's folder experiment 'mine' under tmp_path: image i of size sizes[i] (flat colours)
+    with one box each, and a params.yaml holding only it; returns (folder, params path)."""
+    from PIL import Image
+
+    folder = tmp_path / "data" / "mine"
+    (folder / "bb").mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (20 * i, 100, 50)).save(folder / f"img{i}.{suffix}", quality=95)
+        (folder / "bb" / f"img{i}.txt").write_text("20,15,8,8\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["experiments"] = ["mine"]
+    params["exp"]["mine"] = {"data": {"source": "folder", "root": "data/mine"}, "model": model, "train": {},
+                             "pretrained": None}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return folder, path
+
+
 def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     """A user's folder does not follow from params.yaml: the data stage records a fingerprint of its
     images and boxes in the manifest, and it enters the training run id, so that changed images
@@ -288,17 +307,7 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
     from space.experiment import data_fingerprint, data_identity
     from space.training import run_id
 
-    folder = tmp_path / "data" / "mine"
-    (folder / "bb").mkdir(parents=True)
-    for i in range(10):
-        Image.new("RGB", (40, 30), (20 * i, 100, 50)).save(folder / f"img{i}.png")
-        (folder / "bb" / f"img{i}.txt").write_text("20,15,8,8\n")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["experiments"] = ["mine"]
-    params["exp"]["mine"] = {"data": {"source": "folder", "root": "data/mine"},
-                             "model": {"image_size": 64, "G": 8}, "train": {}, "pretrained": None}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    folder, path = folder_experiment(tmp_path, [(40, 30)] * 10, "png", image_size=64, G=8)
     manifest = tmp_path / "data" / "manifests" / "mine.json"
 
     def data_stage() -> str:
@@ -307,7 +316,7 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
         return json.loads(manifest.read_text())["content"]
 
     first = data_stage()
-    exp = load_experiment(path, "mine")
+    exp, params = load_experiment(path, "mine"), yaml.safe_load(path.read_text())
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp_path)
         assert first == data_fingerprint(exp) and data_stage() == first  # the same images, the same print
@@ -333,19 +342,7 @@ def test_a_folder_experiments_new_images_start_a_new_training_run(tmp_path):
 def test_the_data_stage_names_every_image_and_box_file_it_cannot_use(tmp_path):
     """A truncated image or a malformed box line stops the data stage, naming each file, rather than
     a training run when a batch first needs the file; without them the stage passes."""
-    from PIL import Image
-
-    folder = tmp_path / "data" / "mine"
-    (folder / "bb").mkdir(parents=True)
-    for i in range(12):
-        Image.new("RGB", (60 + i, 45), (20 * i, 100, 50)).save(folder / f"img{i}.jpg", quality=95)
-        (folder / "bb" / f"img{i}.txt").write_text("20,15,8,8\n")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["experiments"] = ["mine"]
-    params["exp"]["mine"] = {"data": {"source": "folder", "root": "data/mine"},
-                             "model": {"image_size": 32, "G": 4}, "train": {}, "pretrained": None}
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    folder, path = folder_experiment(tmp_path, [(60 + i, 45) for i in range(12)], "jpg", image_size=32, G=4)
     assert run_stage("data", "mine", tmp_path, path).returncode == 0
     whole = (folder / "img5.jpg").read_bytes()
     (folder / "img5.jpg").write_bytes(whole[:len(whole) * 2 // 3])  # its header intact, its end gone
