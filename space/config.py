@@ -305,6 +305,11 @@ def replace(cfg: Any, **changes: Any):
     return from_dict(type(cfg), {**to_dict(cfg), **changes})
 
 
+#: Model keys that change how the model is computed, not its values: a run id, the data stage
+#: and a checkpoint's settings compare without them, and the top-level 'model' section may set
+#: them for every experiment.
+GLOBAL_MODEL_KEYS = frozenset({"fast_path", "low_memory"})
+
 # The five configurations of the original repository (SPEC section 2): model and train
 # values that differ from the defaults above.
 ORIGINAL_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from torch.utils.data import Dataset
 
 from .io import write_json
-from .config import ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number, load_params
+from .config import GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number, load_params
 from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
@@ -137,11 +137,6 @@ def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experi
     model = from_dict(ModelConfig, _overridden(entry, params, "model"), f"exp.{name}.model")
     train = from_dict(TrainConfig, _overridden(entry, params, "train"), f"exp.{name}.train")
     return Experiment(name, data, model, train, entry.get("pretrained"))
-
-
-#: Model keys that the top-level 'model' section may set for every experiment: they change how
-#: the model is computed, not its values (the data stage and the run id do not depend on them).
-GLOBAL_MODEL_KEYS = frozenset({"fast_path", "low_memory"})
 
 
 def _overridden(entry: Mapping[str, Any], params: Mapping[str, Any], section: str) -> dict[str, Any]:

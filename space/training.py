@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_weights, read_checkpoint, save_checkpoint
-from .config import BEST_METRICS, ModelConfig, TrainConfig, to_dict
+from .config import BEST_METRICS, GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, to_dict
 from .evaluation import RESEED_REMEDY, evaluate, resolve_device
 from .io import write_json, write_text
 from .model import Space, SpaceOutput, build_optimizers
@@ -365,7 +365,7 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
     """
     keys = ("seed", "batch_size", "clip_norm", "fg_optim", "fg_lr", "bg_optim", "bg_lr")
     model = {k: v for k, v in to_dict(model_cfg).items()
-             if k not in ("fast_path", "low_memory")  # same maths either way
+             if k not in GLOBAL_MODEL_KEYS  # same maths either way
              and not (k in _MODEL_KEYS_BEYOND_ORIGINAL and v == _MODEL_KEYS_BEYOND_ORIGINAL[k])}
     train = {k: getattr(train_cfg, k) for k in keys}
     train["batch_size"] = train_cfg.batch_size * world_size

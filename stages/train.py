@@ -18,7 +18,7 @@ import space
 from space.allocator import flush_denormals, retain_freed_memory
 from space.checkpoint import CheckpointError, checkpoint_configs, load_weights, read_checkpoint
 from space.cli import stage_main
-from space.config import to_dict
+from space.config import GLOBAL_MODEL_KEYS, to_dict
 from space.evaluation import resolve_device
 from space.experiment import build_dataset, data_identity, load_experiment
 from space.training import Trainer, dist_env, run_id, shutdown_distributed, under_torchrun
@@ -68,7 +68,7 @@ def import_pretrained(exp) -> space.Space:
     if ours:
         mine, theirs = to_dict(exp.model), to_dict(model.cfg)
         differ = [f"{key} {theirs[key]!r} (exp.{exp.name}.model: {mine[key]!r})" for key in theirs
-                  if key not in ("fast_path", "low_memory") and theirs[key] != mine.get(key)]
+                  if key not in GLOBAL_MODEL_KEYS and theirs[key] != mine.get(key)]
         if differ:
             log.warning("%s was trained with other model settings than exp.%s.model, and is evaluated with its own: %s",
                         path, exp.name, "; ".join(differ))
