@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from .data.datasets import to_rgb
 from .evaluation import PRESENCE_THRESHOLD
 from .geometry import boxes_to_pixels, z_where_to_boxes
 from .io import atomic_write, write_json
@@ -45,9 +46,10 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
     """Images resized to the model's square size, as a (B, 3, size, size) float tensor in [0, 1];
     also returns each input's (height, width).
 
-    ``images``: a (B, 3, H, W) or (3, H, W) tensor (float in [0, 1], or uint8 in 0..255), or one
-    image or a list of them, each a PIL image (any mode: converted to RGB as the datasets do) or
-    an (H, W, 3) array (uint8, or float in [0, 1]; (H, W) grey and (H, W, 4) with alpha are
+    ``images``: a (B, 3, H, W) or (3, H, W) tensor (float in [0, 1], uint8 in 0..255 or uint16 in
+    0..65535), or one image or a list of them, each a PIL image (any mode, 16-bit and float ones
+    included: converted to RGB as the datasets do, by :func:`space.data.datasets.to_rgb`) or an
+    (H, W, 3) array (uint8, uint16, or float in [0, 1]; (H, W) grey and (H, W, 4) with alpha are
     taken as PIL takes them: grey repeated, alpha dropped).
     """
     if torch.is_tensor(images):
@@ -64,7 +66,7 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
         images = [images]  # one image
     tensors, shapes = [], []
     for k, image in enumerate(images):
-        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        array = np.asarray(to_rgb(image, f"image {k}") if hasattr(image, "convert") else image)
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
         elif array.ndim == 3 and array.shape[2] in (1, 4):
@@ -83,11 +85,14 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
 
 
 def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
-    """uint8 values 0..255 divided by 255; float ones checked to lie in [0, 1]."""
+    """uint8 values 0..255 divided by 255, uint16 ones 0..65535 by 65535; float ones checked to lie in [0, 1]."""
     if t.dtype == torch.uint8:
         return t.float() / 255.0
+    if t.dtype == torch.uint16:
+        return t.float() / 65535.0
     if not t.is_floating_point():
-        raise ValueError(f"{what}: expected uint8 values (0..255) or float ones in [0, 1], got {t.dtype}")
+        raise ValueError(f"{what}: expected uint8 values (0..255), uint16 ones (0..65535) or float ones in [0, 1], "
+                         f"got {t.dtype}")
     t = t.float()
     if t.numel() and (t.min() < 0 or t.max() > 1):
         raise ValueError(f"{what}: float values must lie in [0, 1], got {t.min().item():g}..{t.max().item():g} "
@@ -102,9 +107,9 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
 
     Args:
         model: a SPACE model (put in eval mode for this call).
-        images: a (B, 3, H, W) tensor (float in [0, 1] or uint8), or one or a list of PIL images
-            or (H, W, 3) arrays (uint8, or float in [0, 1]), of any size; they are resized to the
-            model's size and boxes are mapped back.
+        images: a (B, 3, H, W) tensor (float in [0, 1], uint8 or uint16), or one or a list of PIL
+            images (any mode) or (H, W, 3) arrays (uint8, uint16, or float in [0, 1]), of any size;
+            they are resized to the model's size and boxes are mapped back.
     Returns:
         per image, a list of :class:`Detection`, most confident first.
     """

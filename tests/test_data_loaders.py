@@ -290,3 +290,31 @@ def test_folder_errors(tmp_path: Path, folder: Path) -> None:
     dataset = FolderDataset(folder, "all")
     with pytest.raises(ValueError, match=r"broken\.png.*corrupt or truncated"):
         dataset[[p.name for p in dataset.paths].index("broken.png")]
+
+
+def test_folder_reads_16_bit_and_float_images_at_their_own_depth(tmp_path: Path) -> None:
+    # PIL's convert('RGB') clips 16-bit values to 255 (a 16-bit grey PNG came out nearly white)
+    # and truncates floats (an image in [0, 1] came out black).
+    from space.data.datasets import check_image
+
+    grey = np.random.default_rng(5).integers(0, 256, (24, 24)).astype(np.uint8)
+    root = tmp_path / "deep"
+    root.mkdir()
+    Image.fromarray(grey).save(root / "a8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(root / "b16.png")  # 257 * v: the same grey in 16 bits
+    Image.fromarray(grey.astype(np.float32) / 255).save(root / "c_float.tif")
+    Image.fromarray(grey.astype(np.int32) * 257).save(root / "d32.tif")
+    dataset = FolderDataset(root, "all", image_size=24)
+    assert [Image.open(p).mode for p in dataset.paths] == ["L", "I;16", "F", "I"]
+    for i in range(1, 4):
+        assert torch.equal(dataset[i], dataset[0]), dataset.paths[i].name
+    assert abs(float(dataset[0].mean()) - grey.mean() / 255) < 1e-6
+    Image.fromarray(grey.astype(np.float32)).save(root / "e_float.tif")  # 0..255 in a float image
+    Image.fromarray(grey.astype(np.int32) * 1000).save(root / "f32.tif")
+    dataset = FolderDataset(root, "all", image_size=24)
+    for index, message in ((4, r"e_float\.tif holds 32-bit float values 0\.\.255, outside \[0, 1\]"),
+                           (5, r"f32\.tif holds integer values 0\.\.255000, outside 0\.\.65535")):
+        with pytest.raises(ValueError, match=message):
+            dataset[index]
+        with pytest.raises(ValueError, match=message):
+            check_image(dataset.paths[index], 24)

@@ -98,10 +98,18 @@ def test_detect_takes_each_form_of_an_image_alike_and_refuses_values_it_would_mi
     grey = rgb[:, :, 0]
     np.testing.assert_allclose(boxes(grey), boxes(np.dstack([grey] * 3)), atol=1e-4)
     np.testing.assert_allclose(boxes(Image.fromarray(grey)), boxes(np.dstack([grey] * 3)), atol=1e-4)
+    # the same image in 16 bits, as an array and a tensor; its grey in 16 bits and in floats, as PIL images
+    deep = rgb.astype(np.uint16) * 257
+    np.testing.assert_allclose(boxes(deep), expected, atol=1e-4)
+    np.testing.assert_allclose(boxes(torch.from_numpy(deep).permute(2, 0, 1)), expected, atol=1e-4)
+    for deep_grey in (Image.fromarray(deep[:, :, 0]), Image.fromarray(grey.astype(np.float32) / 255)):
+        np.testing.assert_allclose(boxes(deep_grey), boxes(grey), atol=1e-4)
     refused = {  # values a silent guess would misread, and shapes that are not an RGB image
         "float values must lie in [0, 1], got 0..254": [rgb.astype(np.float64)],
         "float values must lie in [0, 1]": chw.float(),
-        "expected uint8 values (0..255) or float ones in [0, 1], got torch.int64": [rgb.astype(np.int64)],
+        "expected uint8 values (0..255), uint16 ones (0..65535) or float ones in [0, 1], got torch.int64":
+            [rgb.astype(np.int64)],
+        "image 0 holds 32-bit float values 0..254, outside [0, 1]": Image.fromarray(grey.astype(np.float32)),
         "a channels-first (3, H, W) image goes in as a torch tensor": [chw.numpy()],
         "expected a (B, 3, H, W) or (3, H, W) image tensor, got shape (2, 1, 48, 40)": torch.rand(2, 1, 48, 40),
         "no images given": [],

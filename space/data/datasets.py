@@ -34,6 +34,7 @@ __all__ = [
     "check_image",
     "load_image",
     "read_box_file",
+    "to_rgb",
 ]
 
 #: File extensions counted as images by the OBJ3D and Atari loaders.
@@ -67,35 +68,66 @@ def _missing_root_error(root: Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what} folder {root} does not exist: {how}.")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens an image fully and converts it to RGB.
+def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
+    """``image`` as 8-bit RGB, its values scaled from its own bit depth.
 
-    Alpha is dropped without compositing (the original keeps channels [:3]);
-    grayscale, palette and CMYK images are converted, not rejected.
+    PIL's ``convert('RGB')`` clips deeper values to 255 instead of scaling them, so a 16-bit grey
+    PNG or TIFF (common in microscopy and astronomy) comes out nearly white, and it truncates
+    floats, so an image in [0, 1] comes out black. Here the integer modes ('I;16', 'I;16B', 'I',
+    ...) are read as 16-bit values, 0..65535, as PNG and TIFF store them (65535 becomes 255), and
+    the float mode 'F' as values in [0, 1]; values outside those ranges are refused, naming
+    ``name``, rather than guessed at. Every other mode is PIL's conversion: alpha dropped without
+    compositing (the original keeps channels [:3]), grey repeated, palette and CMYK converted.
 
     Raises:
-        ValueError: If the file is not a readable image (corrupt, truncated).
+        ValueError: For an integer image with values outside 0..65535, or a float image with
+            values outside [0, 1] or not finite.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so truncation surfaces here
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(_unreadable(path, err)) from None
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        lo, hi = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if image.mode == "F":
+            if not np.isfinite(values).all() or lo < 0 or hi > 1:
+                raise ValueError(f"{name} holds 32-bit float values {lo:g}..{hi:g}, outside [0, 1], the range "
+                                 f"float images are read in; scale them to [0, 1] or save the image with 8 or 16 bits.")
+            scaled = values * 255.0
+        else:
+            if lo < 0 or hi > 65535:
+                raise ValueError(f"{name} holds integer values {lo:g}..{hi:g}, outside 0..65535, the 16-bit range "
+                                 f"integer images are read in; save the image with 8 or 16 bits.")
+            scaled = values / 257.0
+        image = Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Opens an image fully and converts it to 8-bit RGB with :func:`to_rgb`.
+
+    Raises:
+        ValueError: If the file is not a readable image (corrupt, truncated), or holds values
+            :func:`to_rgb` refuses.
+    """
+    return to_rgb(_decoded(path), f"Image {path}")
 
 
 def check_image(path: str | os.PathLike, size: int | None = None) -> None:
-    """Decodes an image file to its end, raising :func:`load_image`'s error if it cannot.
+    """Decodes an image file to its end, raising :func:`load_image`'s errors.
 
     With ``size``, a JPEG is decoded at the smallest of its reduced scales that is still at least
     ``size`` pixels on each side: every byte of it is still read and entropy-decoded, so
     truncation and corruption still surface, in a fraction of the time.
     """
+    to_rgb(_decoded(path, size), f"Image {path}")  # an image deeper than 8 bits may hold values it refuses
+
+
+def _decoded(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
+    """The image at ``path``, decoded to its end (a JPEG at a reduced scale of at least ``draft``)."""
     try:
         with Image.open(path) as image:
-            if size:
-                image.draft("RGB", (size, size))
-            image.load()
+            if draft:
+                image.draft("RGB", (draft, draft))
+            image.load()  # decode now, so truncation surfaces here
+            return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(_unreadable(path, err)) from None
 
