@@ -146,7 +146,7 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
     Writes ``<path>.parquet`` (or ``.csv`` where pyarrow is missing): one row per object with
     image, file, object, x_min, y_min, x_max, y_max (pixels of the model-size image), presence,
     depth, cell, file_x_min, file_y_min, file_x_max, file_y_max (the box in pixels of the image
-    file, undoing the resize and crop) and z_what_0..z_what_{D-1}; and ``<path>.json``: per image,
+    file as viewers show it, undoing the resize and crop) and z_what_0..z_what_{D-1}; and ``<path>.json``: per image,
     its file and objects. Both atomically. The file columns need a dataset of ``space.data``
     (one with ``source(index)``); for other datasets they are left out.
     Returns a summary.
@@ -187,7 +187,8 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
         atomic_write(table, lambda tmp: frame.to_csv(tmp, index=False))
     convention = ("boxes are x_min, y_min, x_max, y_max in pixels of the model-size image "
                   f"({model.cfg.image_size} x {model.cfg.image_size}); pixel j spans [j, j+1)"
-                  + ("; file_box is the same box in pixels of the image file" if sources else ""))
+                  + ("; file_box is the same box in pixels of the image file as viewers show it "
+                     "(EXIF orientation applied)" if sources else ""))
     write_json(path.with_suffix(".json"), {"convention": convention, "threshold": threshold, "mode": mode,
                                            "images": per_image})
     return {"table": str(table), "json": str(path.with_suffix(".json")), "num_images": n, "num_objects": len(rows)}

@@ -318,3 +318,22 @@ def test_folder_reads_16_bit_and_float_images_at_their_own_depth(tmp_path: Path)
             dataset[index]
         with pytest.raises(ValueError, match=message):
             check_image(dataset.paths[index], 24)
+
+
+def test_folder_turns_images_as_their_exif_orientation_says(tmp_path: Path) -> None:
+    # A phone stores the sensor's pixels and an EXIF orientation; viewers turn the image, and box
+    # files measured in one are in the turned image. Before, the stored pixels were read unturned.
+    stored = np.random.default_rng(6).integers(0, 256, (20, 30, 3)).astype(np.uint8)  # 30 wide, 20 high
+    shown = np.rot90(stored, k=-1)  # orientation 6: turned a quarter clockwise for display, 20 wide, 30 high
+    root = tmp_path / "phone"
+    (root / "bb").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "a_phone.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(shown)).save(root / "b_plain.png")
+    for name in ("a_phone", "b_plain"):
+        (root / "bb" / f"{name}.txt").write_text("5,20,4,6\n")  # pixels of the image as shown
+    dataset = FolderDataset(root, "all", image_size=20)
+    assert torch.equal(dataset[0], dataset[1])
+    np.testing.assert_array_equal(dataset.boxes(0), dataset.boxes(1))
+    assert dataset.source(0).box(1, 2, 3, 4) == dataset.source(1).box(1, 2, 3, 4)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from space.data.download import ARCHIVES, ATARI_GAMES, ATARI_SPLIT_DIRS, DEFAULT_ARCHIVE_DIR, SPLITS, drive_link
@@ -101,13 +101,17 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Opens an image fully and converts it to 8-bit RGB with :func:`to_rgb`.
+    """Opens an image fully, turns it as its EXIF orientation says (as viewers do; the original's
+    datasets have none) and converts it to 8-bit RGB with :func:`to_rgb`.
 
     Raises:
         ValueError: If the file is not a readable image (corrupt, truncated), or holds values
             :func:`to_rgb` refuses.
     """
-    return to_rgb(_decoded(path), f"Image {path}")
+    image = _decoded(path)
+    if _orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)  # as viewers show it (see _orientation)
+    return to_rgb(image, f"Image {path}")
 
 
 def check_image(path: str | os.PathLike, size: int | None = None) -> None:
@@ -185,12 +189,30 @@ class SourceImage:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file, from its header."""
+    """(width, height) of an image file as viewers show it (EXIF orientation applied), from its header."""
     try:
         with Image.open(path) as image:
-            return image.size
+            w, h = image.size
+            return (h, w) if _orientation(image) in _QUARTER_TURNS else (w, h)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(_unreadable(path, err)) from None
+
+
+#: EXIF orientations (tag 0x0112) whose display turns the stored pixels by a quarter turn.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1 (as stored) when it has none.
+
+    Phone cameras store pixels as the sensor read them and record how to turn them for display;
+    every viewer applies it, so box files measured in a viewer, and what users expect back, are
+    in the turned image. (A PNG's eXIf chunk precedes its pixel data, so a PNG without one in its
+    header has none, and is not decoded to find out.)
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(0x0112, 1)
 
 
 def _cropped_source(path: Path, size: int) -> SourceImage:
@@ -570,8 +592,7 @@ class FolderDataset(Dataset):
         if not self.has_boxes:
             raise ValueError(f"{self.root} has no bb/ folder, so there are no boxes.")
         path = self.paths[index]
-        with Image.open(path) as image:  # the header is enough for the size
-            size = image.size
+        size = _image_size(path)  # from the header, as viewers show the image
         # Pixel boxes of the original image, then through resize and crop.
         new_w, new_h, left, top = _square_transform(size, self.image_size)
         boxes = read_box_file(self.box_dir / f"{path.stem}.txt", 1.0)  # (M, 4) pixels
