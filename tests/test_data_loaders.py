@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,12 @@ def test_folder_boxes_follow_resize_and_crop(folder: Path) -> None:
     (folder / "bb" / "rgba.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"bb.rgba\.txt is missing for image .*rgba\.png"):
         FolderDataset(folder, "all")
+    (folder / "bb" / "rgba.txt").write_text("")
+    save(folder / "wide.jpg", noise(np.random.default_rng(0), 10, 10))  # bb/wide.txt would serve both
+    with pytest.raises(ValueError, match=r"Images wide\.jpg and wide\.png of .* would share the box file .*wide\.txt;"):
+        FolderDataset(folder, "train")
+    shutil.rmtree(folder / "bb")  # without box files, names may repeat
+    assert len(FolderDataset(folder, "all")) == 11
 
 
 def test_folder_errors(tmp_path: Path, folder: Path) -> None:

@@ -559,6 +559,17 @@ class FolderDataset(Dataset):
                 )
         self.box_dir = self.root / "bb"
         if self.has_boxes:
+            by_stem: dict[str, list[str]] = {}
+            for f in files:
+                by_stem.setdefault(f.stem, []).append(f.name)
+            shared = [names for names in by_stem.values() if len(names) > 1]
+            if shared:
+                raise ValueError(
+                    f"Images {' and '.join(shared[0])} of {self.root} would share the box file "
+                    f"{self.box_dir / (Path(shared[0][0]).stem + '.txt')}"
+                    f"{f' (and {len(shared) - 1} more groups of images)' if len(shared) > 1 else ''}; "
+                    f"box files are named by the image's name without its extension, so rename all but one."
+                )
             missing = [p for p in self.paths if not (self.box_dir / f"{p.stem}.txt").is_file()]
             if missing:
                 raise FileNotFoundError(
