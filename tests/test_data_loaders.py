@@ -134,6 +134,11 @@ def test_obj3d_box_file_errors(obj3d: Path) -> None:
     (obj3d / "val" / "bb" / "bb_7.txt").write_text("1,2,3,four\n")
     with pytest.raises(ValueError, match=r"bb_7\.txt, line 1.*'1,2,3,four'"):
         Obj3dDataset(obj3d, "val").boxes(7)
+    for line in ("1,2,-3,4", "1,2,3,-4", "nan,2,3,4", "1,inf,3,4"):  # float() parses nan and inf
+        (obj3d / "val" / "bb" / "bb_7.txt").write_text(f"1,2,3,4\n\n{line}\n")
+        with pytest.raises(ValueError, match=rf"bb_7\.txt, line 3: expected finite numbers with width and height >= 0, "
+                                             rf"got '{line}'"):
+            Obj3dDataset(obj3d, "val").boxes(7)
     (obj3d / "val" / "bb" / "bb_9.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"bb_9\.txt is missing"):
         Obj3dDataset(obj3d, "val")

@@ -244,7 +244,8 @@ def read_box_file(path: str | os.PathLike, pixel_size: float) -> np.ndarray:
 
     Raises:
         FileNotFoundError: If the file is missing.
-        ValueError: If a line is not four comma-separated numbers.
+        ValueError: If a line is not four comma-separated numbers, or holds a non-finite one or a
+            negative width or height.
     """
     path = Path(path)
     if not path.is_file():
@@ -260,6 +261,11 @@ def read_box_file(path: str | os.PathLike, pixel_size: float) -> np.ndarray:
                 f"{path}, line {number}: expected 'centre_x,centre_y,width,height' in pixels, got {line!r}. "
                 f"Fix or regenerate the box file."
             ) from None
+        if not np.isfinite([cx, cy, w, h]).all() or w < 0 or h < 0:
+            raise ValueError(
+                f"{path}, line {number}: expected finite numbers with width and height >= 0, got {line!r}. "
+                f"Fix or regenerate the box file."
+            )
         rows.append([cy - h / 2.0, cy + h / 2.0, cx - w / 2.0, cx + w / 2.0])
     return np.array(rows, dtype=np.float64).reshape(-1, 4) / pixel_size
 
