@@ -10,6 +10,7 @@ Command line::
 
     python -m space.hints --experiment rooms                  # boxes of its val/test split
     python -m space.hints --boxes 12,20,14,16 40,8,10,12 --image-size 128
+    python -m space.hints --boxes 400,300,90,120 --image-size 1000 --model-size 128
 """
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ def suggest(boxes_per_image: Sequence[np.ndarray] | None, image_size: int) -> Hi
     """
     hints = Hints()
     valid_g = [g for g in ALLOWED_G if image_size % g == 0 and image_size // g in (8, 16, 32)]
+    if not valid_g:
+        sizes = sorted({g * cell for g in ALLOWED_G for cell in (8, 16, 32)})
+        raise ValueError(f"no grid fits an image size of {image_size}: the model's cells are 8, 16 or 32 pixels "
+                         f"wide and G is one of {ALLOWED_G}, so its image_size is one of {sizes}")
     if not boxes_per_image or sum(len(b) for b in boxes_per_image) == 0:
         hints.values = {"G": 8 if 8 in valid_g else valid_g[0], "z_scale_mean_start_value": -1.0,
                         "z_scale_mean_end_value": -2.0, "z_pres_start_value": 0.1, "z_pres_end_value": 0.01}
@@ -118,6 +123,8 @@ def _boxes_from_pixels(specs: Sequence[str], image_size: int) -> list[np.ndarray
             cx, cy, w, h = (float(v) / image_size for v in spec.split(","))
         except ValueError as error:
             raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels") from error
+        if not np.isfinite([cx, cy, w, h]).all() or w <= 0 or h <= 0:
+            raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels, finite, with width and height > 0")
         boxes.append(np.array([[cy - h / 2, cy + h / 2, cx - w / 2, cx + w / 2]]))
     return boxes
 
@@ -129,10 +136,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--boxes", nargs="*", help="boxes you measured, each cx,cy,w,h in pixels")
     parser.add_argument("--image-size", type=int, default=128, help="image side the --boxes are in")
+    parser.add_argument("--model-size", type=int, help="the model's image_size, if not --image-size "
+                        "(boxes measured on a 1000-pixel photo: --image-size 1000 --model-size 128)")
     args = parser.parse_args(argv)
     try:
         if args.boxes:
-            print(suggest(_boxes_from_pixels(args.boxes, args.image_size), args.image_size).text())
+            boxes = _boxes_from_pixels(args.boxes, args.image_size)
+            try:
+                print(suggest(boxes, args.model_size or args.image_size).text())
+            except ValueError as error:
+                if args.model_size:
+                    raise
+                raise ValueError(f"{error}; for boxes measured on an image of another size, give the model's "
+                                 f"as --model-size") from None
             return
         if not args.experiment:
             parser.error("give --experiment NAME or --boxes")

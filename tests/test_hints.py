@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 from space.data import Obj3dDataset, generate_rooms
 from space.hints import main, suggest
 
@@ -29,3 +31,24 @@ def test_command_line_with_measured_boxes(capsys):
     main(["--boxes", "20,20,16,16", "80,60,16,16", "--image-size", "128"])
     out = capsys.readouterr().out
     assert "z_scale_mean_end_value: -1.95" in out  # logit(16 / 128) = -1.946
+
+
+def test_boxes_measured_on_a_photo_give_the_same_hints_at_the_models_size(capsys):
+    main(["--boxes", "156.25,156.25,125,125", "625,468.75,125,125", "--image-size", "1000", "--model-size", "128"])
+    assert "z_scale_mean_end_value: -1.95" in capsys.readouterr().out  # the boxes above, scaled by 1000 / 128
+
+
+def test_command_line_refusals_name_the_box_or_size_at_fault(capsys):
+    refusals = {  # before: negative sizes were taken in, and an image size no grid fits raised "min() arg is empty"
+        ("--boxes", "40,52,-18,20"): "bad box '40,52,-18,20': expected cx,cy,w,h in pixels, finite, with width",
+        ("--boxes", "40,52,18,nan"): "bad box '40,52,18,nan'",
+        ("--boxes", "40,52,18,20", "--image-size", "1000"):
+            "no grid fits an image size of 1000: the model's cells are 8, 16 or 32 pixels wide and G is one of "
+            "(4, 8, 16), so its image_size is one of [32, 64, 128, 256, 512]; for boxes measured on an image of "
+            "another size, give the model's as --model-size",
+    }
+    for argv, message in refusals.items():
+        with pytest.raises(SystemExit) as stop:
+            main(list(argv))
+        assert stop.value.code == 1
+        assert message in capsys.readouterr().err
