@@ -304,6 +304,14 @@ def test_folder_errors(tmp_path: Path, folder: Path) -> None:
         dataset[[p.name for p in dataset.paths].index("broken.png")]
 
 
+def test_an_image_over_pils_pixel_limit_is_not_called_corrupt(folder: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # wide.png has 20000 pixels, over twice the limit
+    dataset = FolderDataset(folder, "all")
+    with pytest.raises(ValueError, match=r"wide\.png: Image size \(20000 pixels\) exceeds .* The file may be sound, "
+                                         r"but PIL refuses images this large; save a smaller copy"):
+        dataset[[p.name for p in dataset.paths].index("wide.png")]
+
+
 def test_folder_reads_16_bit_and_float_images_at_their_own_depth(tmp_path: Path) -> None:
     # PIL's convert('RGB') clips 16-bit values to 255 (a 16-bit grey PNG came out nearly white)
     # and truncates floats (an image in [0, 1] came out black).

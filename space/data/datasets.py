@@ -137,6 +137,9 @@ def _decoded(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
 
 
 def _unreadable(path: str | os.PathLike, err: BaseException) -> str:
+    if isinstance(err, Image.DecompressionBombError):  # a sound file, over PIL's limit on pixels
+        return (f"Cannot read image {path}: {err} The file may be sound, but PIL refuses images this large; "
+                f"save a smaller copy of it (the model sees it at its image_size anyway).")
     return (f"Cannot read image {path}: {err}. The file is corrupt or truncated; "
             f"delete or replace it (re-download or regenerate the dataset).")
 
