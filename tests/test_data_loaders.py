@@ -357,3 +357,53 @@ def test_folder_turns_images_as_their_exif_orientation_says(tmp_path: Path) -> N
     assert torch.equal(dataset[0], dataset[1])
     np.testing.assert_array_equal(dataset.boxes(0), dataset.boxes(1))
     assert dataset.source(0).box(1, 2, 3, 4) == dataset.source(1).box(1, 2, 3, 4)
+
+
+def test_folder_decodes_a_large_jpeg_at_a_reduced_scale_with_the_full_decodes_geometry(tmp_path: Path) -> None:
+    from space.data.datasets import _resize_shorter_and_crop, load_image
+
+    def tensor(image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255
+
+    def centre(image: torch.Tensor) -> torch.Tensor:  # (row, column) centre of the white block
+        return torch.nonzero(image[0] > 0.7).float().mean(0)
+
+    # 1001 x 733 decodes at 1/8 as 126 x 92, whose aspect differs from the file's, its last column
+    # and row reaching past the file's edge; a white block on grey must land where a full decode puts it,
+    # also when the photo is stored turned (EXIF orientation 6 and 3)
+    pixels = np.full((733, 1001, 3), 90, np.uint8)
+    pixels[300:460, 480:640] = 250
+    (tmp_path / "big").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "big" / "photo.jpg", quality=95)
+    for orientation in (6, 3):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(tmp_path / "big" / f"turned{orientation}.jpg", quality=95, exif=exif)
+    dataset = FolderDataset(tmp_path / "big", "all", image_size=64)
+    with Image.open(dataset.paths[0]) as image:
+        image.draft("RGB", (64, 64))
+        assert image.size == (126, 92)  # the reduced scale is taken
+    for index in range(3):
+        fast = dataset[index]
+        full = tensor(_resize_shorter_and_crop(load_image(dataset.paths[index]), 64))
+        assert fast.shape == full.shape == (3, 64, 64)
+        assert float((fast - full).abs().mean()) < 0.01, dataset.paths[index].name
+        torch.testing.assert_close(centre(fast), centre(full), atol=0.1, rtol=0)
+
+
+def test_folder_images_in_each_orientation_equal_a_full_load_turned_resized_and_cropped(tmp_path: Path) -> None:
+    # the fast loader resizes in the stored orientation and turns afterwards; for lossless files
+    # that must give the pixels of turning first (to one level in 255 for quarter turns: PIL resizes
+    # in two passes, rounding to 8 bits between them, and a quarter turn swaps their order)
+    from space.data.datasets import _resize_shorter_and_crop, load_image
+
+    pixels = np.random.default_rng(7).integers(0, 256, (23, 37, 3)).astype(np.uint8)
+    (tmp_path / "turns").mkdir()
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(tmp_path / "turns" / f"o{orientation}.png", exif=exif)
+    dataset = FolderDataset(tmp_path / "turns", "all", image_size=16)
+    for index, path in enumerate(dataset.paths):
+        full = torch.from_numpy(np.array(_resize_shorter_and_crop(load_image(path), 16))).permute(2, 0, 1) / 255
+        torch.testing.assert_close(dataset[index], full, atol=1 / 255 + 1e-6, rtol=0, msg=path.name)

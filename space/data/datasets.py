@@ -108,10 +108,43 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ValueError: If the file is not a readable image (corrupt, truncated), or holds values
             :func:`to_rgb` refuses.
     """
-    image = _decoded(path)
+    image = _decoded(path)[0]
     if _orientation(image) != 1:
         image = ImageOps.exif_transpose(image)  # as viewers show it (see _orientation)
     return to_rgb(image, f"Image {path}")
+
+
+#: How to turn stored pixels for display, by EXIF orientation (as ``ImageOps.exif_transpose``).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def load_square(path: str | os.PathLike, size: int) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB, its shorter side scaled to ``size`` (bilinear) and
+    centre-cropped to a square: :func:`_resize_shorter_and_crop` of :func:`load_image`, faster.
+
+    A JPEG is decoded at the smallest of its reduced scales (1/2, 1/4, 1/8) that keeps at least
+    ``size`` pixels on each side, several times faster for a photo far larger than the model's
+    images (a 4000 x 3000 one for 128 pixels: 0.035 s instead of 0.13 s on a 2-core machine). The
+    pixels differ slightly from a full decode's (the JPEG's own transform does part of the
+    scaling); the geometry does not: the resize reads exactly the file's extent of the reduced
+    image (its last row and column may reach past the file's edge), in the stored orientation,
+    before the turn.
+    """
+    image, stored, extent = _decoded(path, size)
+    orientation = _orientation(image)
+    turn, quarter = _TRANSPOSE.get(orientation), orientation in _QUARTER_TURNS
+    new_w, new_h, left, top = _square_transform(stored[::-1] if quarter else stored, size)
+    target = (new_h, new_w) if quarter else (new_w, new_h)  # in the stored orientation
+    image = to_rgb(image, f"Image {path}")
+    if image.size != target or (extent is not None and extent[2:] != image.size):
+        image = image.resize(target, Image.Resampling.BILINEAR, box=extent)
+    if turn is not None:
+        image = image.transpose(turn)
+    if (new_w, new_h) != (size, size):
+        image = image.crop((left, top, left + size, top + size))
+    return image
 
 
 def check_image(path: str | os.PathLike, size: int | None = None) -> None:
@@ -121,17 +154,21 @@ def check_image(path: str | os.PathLike, size: int | None = None) -> None:
     ``size`` pixels on each side: every byte of it is still read and entropy-decoded, so
     truncation and corruption still surface, in a fraction of the time.
     """
-    to_rgb(_decoded(path, size), f"Image {path}")  # an image deeper than 8 bits may hold values it refuses
+    to_rgb(_decoded(path, size)[0], f"Image {path}")  # an image deeper than 8 bits may hold values it refuses
 
 
-def _decoded(path: str | os.PathLike, draft: int | None = None) -> Image.Image:
-    """The image at ``path``, decoded to its end (a JPEG at a reduced scale of at least ``draft``)."""
+def _decoded(path: str | os.PathLike, draft: int | None = None
+             ) -> tuple[Image.Image, tuple[int, int], tuple[float, float, float, float] | None]:
+    """The image at ``path`` decoded to its end (a JPEG at the smallest reduced scale that keeps
+    ``draft`` pixels on each side), its stored size, and for a reduced JPEG the file's extent in
+    the reduced image's pixels (``(0, 0, width / scale, height / scale)``), else None.
+    """
     try:
         with Image.open(path) as image:
-            if draft:
-                image.draft("RGB", (draft, draft))
+            stored = image.size
+            extent = image.draft("RGB", (draft, draft))[1] if draft and image.format == "JPEG" else None
             image.load()  # decode now, so truncation surfaces here
-            return image
+            return image, stored, extent
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(_unreadable(path, err)) from None
 
@@ -600,8 +637,8 @@ class FolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = _resize_shorter_and_crop(load_image(self.paths[index]), self.image_size)
-        return _to_tensor(image)  # (3, S, S)
+        # A user's photos may be far larger than the model's size: a JPEG is decoded at a reduced scale.
+        return _to_tensor(load_square(self.paths[index], self.image_size))  # (3, S, S)
 
     def source(self, index: int) -> SourceImage:
         """The file of item ``index`` and the map from its pixels to the file's."""
