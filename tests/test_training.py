@@ -232,3 +232,15 @@ def test_lr_decay_sets_both_learning_rates_of_every_step(tmp_path, monkeypatch):
     trainer.fit()
     factors = [1.0, 1.0, 1.0, 0.75, 0.5]  # steps 0..4: flat to lr_decay_start, then down to 0.5 at max_steps
     assert seen == [pytest.approx([1e-3 * f, 2e-3 * f]) for f in factors]
+
+
+def test_data_loader_workers_leave_the_trajectory_as_it_is(tmp_path):
+    # train.num_workers > 0 loads batches in worker processes (a user's large photos); the batches, and
+    # the random numbers the training draws, must be those of loading in the training process
+    finals = []
+    for workers in (0, 2):
+        cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 4, "num_workers": workers})
+        model = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / f"w{workers}", progress=False).fit()
+        finals.append(model.state_dict())
+    for key, value in finals[0].items():
+        assert torch.equal(value, finals[1][key]), key
