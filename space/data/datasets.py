@@ -166,7 +166,8 @@ def _decoded(path: str | os.PathLike, draft: int | None = None
     try:
         with Image.open(path) as image:
             stored = image.size
-            extent = image.draft("RGB", (draft, draft))[1] if draft and image.format == "JPEG" else None
+            reduced = image.draft("RGB", (draft, draft)) if draft and image.format == "JPEG" else None
+            extent = reduced[1] if reduced else None  # None too where PIL cannot reduce this JPEG
             image.load()  # decode now, so truncation surfaces here
             return image, stored, extent
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -247,8 +248,8 @@ def _orientation(image: Image.Image) -> int:
 
     Phone cameras store pixels as the sensor read them and record how to turn them for display;
     every viewer applies it, so box files measured in a viewer, and what users expect back, are
-    in the turned image. (A PNG's eXIf chunk precedes its pixel data, so a PNG without one in its
-    header has none, and is not decoded to find out.)
+    in the turned image. (A PNG's eXIf chunk belongs before its pixel data, so a PNG without one
+    there is taken to have none, rather than decoded to find out.)
     """
     if image.format == "PNG" and "exif" not in image.info:
         return 1
