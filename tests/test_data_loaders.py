@@ -351,12 +351,22 @@ def test_folder_turns_images_as_their_exif_orientation_says(tmp_path: Path) -> N
     exif[0x0112] = 6
     Image.fromarray(stored).save(root / "a_phone.png", exif=exif)
     Image.fromarray(np.ascontiguousarray(shown)).save(root / "b_plain.png")
-    for name in ("a_phone", "b_plain"):
+    # PIL writes eXIf before the pixel data; PNG allows it after them too, where PIL finds it only on decoding
+    png = (root / "a_phone.png").read_bytes()
+    start = png.index(b"eXIf") - 4
+    end = start + 12 + int.from_bytes(png[start:start + 4], "big")
+    png = png[:start] + png[end:]
+    (root / "c_late.png").write_bytes(png[:png.index(b"IEND") - 4] + (root / "a_phone.png").read_bytes()[start:end]
+                                      + png[png.index(b"IEND") - 4:])
+    with Image.open(root / "c_late.png") as late:
+        assert "exif" not in late.info and late.getexif()[0x0112] == 6  # there, and only found by decoding
+    for name in ("a_phone", "b_plain", "c_late"):
         (root / "bb" / f"{name}.txt").write_text("5,20,4,6\n")  # pixels of the image as shown
     dataset = FolderDataset(root, "all", image_size=20)
-    assert torch.equal(dataset[0], dataset[1])
-    np.testing.assert_array_equal(dataset.boxes(0), dataset.boxes(1))
-    assert dataset.source(0).box(1, 2, 3, 4) == dataset.source(1).box(1, 2, 3, 4)
+    for turned in (0, 2):
+        assert torch.equal(dataset[turned], dataset[1])
+        np.testing.assert_array_equal(dataset.boxes(turned), dataset.boxes(1))
+        assert dataset.source(turned).box(1, 2, 3, 4) == dataset.source(1).box(1, 2, 3, 4)
 
 
 def test_folder_decodes_a_large_jpeg_at_a_reduced_scale_with_the_full_decodes_geometry(tmp_path: Path) -> None:

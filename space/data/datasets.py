@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -248,12 +249,26 @@ def _orientation(image: Image.Image) -> int:
 
     Phone cameras store pixels as the sensor read them and record how to turn them for display;
     every viewer applies it, so box files measured in a viewer, and what users expect back, are
-    in the turned image. (A PNG's eXIf chunk belongs before its pixel data, so a PNG without one
-    there is taken to have none, rather than decoded to find out.)
+    in the turned image. A PNG may hold its eXIf chunk after its pixel data, where PIL finds it only
+    by decoding them; for a PNG not yet decoded, its chunk headers are read to find out first.
     """
     if image.format == "PNG" and "exif" not in image.info:
-        return 1
+        decoded = not image.tile  # PIL empties the tiles once it has read the pixels and the chunks after them
+        if decoded or not _png_has_exif(image.filename):
+            return 1
     return image.getexif().get(0x0112, 1)
+
+
+def _png_has_exif(path: str | os.PathLike) -> bool:
+    """Whether the PNG file at ``path`` has an eXIf chunk, from its chunk headers alone."""
+    with open(path, "rb") as file:
+        file.seek(8)  # the signature
+        while len(head := file.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"eXIf", b"IEND"):
+                return kind == b"eXIf"
+            file.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return False
 
 
 def _cropped_source(path: Path, size: int) -> SourceImage:
