@@ -67,7 +67,7 @@ def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present, else the CPU. On CUDA, also :func:`use_original_cuda_numerics`.
 
     Raises ValueError, naming the device, for a string torch does not read as a device and for a
-    CUDA device this machine does not have (instead of torch's failure at the first tensor moved)."""
+    CUDA or MPS device this machine does not have (instead of torch's failure at the first tensor moved)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -83,6 +83,9 @@ def resolve_device(device: str) -> torch.device:
             raise ValueError(f"device {device!r} asked for, but this machine has {count} CUDA device(s): "
                              f"cuda:0 to cuda:{count - 1}")
         use_original_cuda_numerics()
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS (Apple's GPUs) is not available here; "
+                         f"use 'auto' or 'cpu'")
     return resolved
 
 

@@ -452,4 +452,7 @@ def test_a_device_that_is_not_there_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"device 'cuda:1' asked for, but this machine has 1 CUDA device\(s\): cuda:0 to cuda:0"):
         resolve_device("cuda:1")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'mps' asked for, but MPS \(Apple's GPUs\) is not available here"):
+        resolve_device("mps")
 
