@@ -647,6 +647,10 @@ class Trainer:
             if writer is not None:
                 writer.close()
         last_step = pos.step - 1
+        if pos.step <= cfg.max_steps and env.is_main:  # the original, too, stops at max_epochs, without a word
+            log.warning(f"training ended after {cfg.max_epochs} epochs (train.max_epochs) at step {last_step}, before "
+                        f"train.max_steps = {cfg.max_steps}: an epoch here is {batches_per_epoch} steps; raise "
+                        f"train.max_epochs to train on (a re-run resumes)")
         if last_step >= 0 and self.last_saved != last_step:
             self._save(last_step, pos)
         if env.is_main:

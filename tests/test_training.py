@@ -244,3 +244,18 @@ def test_data_loader_workers_leave_the_trajectory_as_it_is(tmp_path):
         finals.append(model.state_dict())
     for key, value in finals[0].items():
         assert torch.equal(value, finals[1][key]), key
+
+
+def test_training_that_ends_at_max_epochs_before_max_steps_says_so(tmp_path, caplog):
+    # 10 images in batches of 4 make 3 steps an epoch: 2 epochs end at step 5 of 13
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_epochs": 2})
+    with caplog.at_level("WARNING", logger="space.training"):
+        trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, progress=False)
+        trainer.fit()
+    assert trainer.position.step == 6
+    assert ("training ended after 2 epochs (train.max_epochs) at step 5, before train.max_steps = 13: an epoch here "
+            "is 3 steps; raise train.max_epochs") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="space.training"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), RandomImages(), tmp_path, progress=False).fit()
+    assert "train.max_epochs" not in caplog.text  # raised back to 1000: the re-run resumes and reaches max_steps
