@@ -127,7 +127,8 @@ def load_square(path: str | os.PathLike, size: int) -> Image.Image:
 
     A JPEG is decoded at the smallest of its reduced scales (1/2, 1/4, 1/8) that keeps at least
     ``size`` pixels on each side, several times faster for a photo far larger than the model's
-    images (a 4000 x 3000 one for 128 pixels: 0.035 s instead of 0.13 s on a 2-core machine). The
+    images (a 4000 x 3000 one for 128 pixels: 0.035 s instead of 0.14 s on a 2-core machine,
+    ``benchmarks/bench_folder_loading.py``). The
     pixels differ slightly from a full decode's (the JPEG's own transform does part of the
     scaling); the geometry does not: the resize reads exactly the file's extent of the reduced
     image (its last row and column may reach past the file's edge), in the stored orientation,
