@@ -60,7 +60,7 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
             x = x[None]
         shapes = [tuple(x.shape[-2:])] * x.size(0)
         if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            x = _resize(x, size)
         return x, shapes
     if hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
         images = [images]  # one image
@@ -79,9 +79,15 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
         shapes.append(array.shape[:2])
     if not tensors:
         raise ValueError("no images given")
-    x = torch.stack([F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-                     if t.shape[-2:] != (size, size) else t for t in tensors])
+    x = torch.stack([_resize(t[None], size)[0] if t.shape[-2:] != (size, size) else t for t in tensors])
     return x, shapes
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) to (B, 3, size, size), bilinear and, when shrinking, antialiased as PIL's resize
+    (which made the training images) is: without it a large photo reached the model as a sparse
+    sample of its pixels (fine texture at full contrast instead of averaged out)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
