@@ -325,7 +325,11 @@ def test_folder_reads_16_bit_and_float_images_at_their_own_depth(tmp_path: Path)
     Image.fromarray(grey.astype(np.float32) / 255).save(root / "c_float.tif")
     Image.fromarray(grey.astype(np.int32) * 257).save(root / "d32.tif")
     dataset = FolderDataset(root, "all", image_size=24)
-    assert [Image.open(p).mode for p in dataset.paths] == ["L", "I;16", "F", "I"]
+    modes = []
+    for path in dataset.paths:
+        with Image.open(path) as image:
+            modes.append(image.mode)
+    assert modes == ["L", "I;16", "F", "I"]
     for i in range(1, 4):
         assert torch.equal(dataset[i], dataset[0]), dataset.paths[i].name
     assert abs(float(dataset[0].mean()) - grey.mean() / 255) < 1e-6
