@@ -84,7 +84,7 @@ def to_rgb(image: Image.Image, name: str = "the image") -> Image.Image:
         ValueError: For an integer image with values outside 0..65535, or a float image with
             values outside [0, 1] or not finite.
     """
-    if image.mode.startswith("I") or image.mode == "F":
+    if _deeper_than_8_bits(image):
         values = np.asarray(image).astype(np.float64)
         lo, hi = (values.min(), values.max()) if values.size else (0.0, 0.0)
         if image.mode == "F":
@@ -156,7 +156,14 @@ def check_image(path: str | os.PathLike, size: int | None = None) -> None:
     ``size`` pixels on each side: every byte of it is still read and entropy-decoded, so
     truncation and corruption still surface, in a fraction of the time.
     """
-    to_rgb(_decoded(path, size)[0], f"Image {path}")  # an image deeper than 8 bits may hold values it refuses
+    image = _decoded(path, size)[0]
+    if _deeper_than_8_bits(image):  # its values may lie outside the range to_rgb reads; 8-bit ones cannot
+        to_rgb(image, f"Image {path}")
+
+
+def _deeper_than_8_bits(image: Image.Image) -> bool:
+    """Whether PIL holds the image's values as 16- or 32-bit integers ('I;16', 'I', ...) or floats ('F')."""
+    return image.mode.startswith("I") or image.mode == "F"
 
 
 def _decoded(path: str | os.PathLike, draft: int | None = None
