@@ -408,7 +408,10 @@ def test_folder_decodes_a_large_jpeg_at_a_reduced_scale_with_the_full_decodes_ge
 def test_folder_images_in_each_orientation_equal_a_full_load_turned_resized_and_cropped(tmp_path: Path) -> None:
     # the fast loader resizes in the stored orientation and turns afterwards; for lossless files
     # that must give the pixels of turning first (to one level in 255 for quarter turns: PIL resizes
-    # in two passes, rounding to 8 bits between them, and a quarter turn swaps their order)
+    # in two passes, rounding to 8 bits between them, and a quarter turn swaps their order); PIL's
+    # own exif_transpose turns the reference, and load_image must turn as it does
+    from PIL import ImageOps
+
     from space.data.datasets import _resize_shorter_and_crop, load_image
 
     pixels = np.random.default_rng(7).integers(0, 256, (23, 37, 3)).astype(np.uint8)
@@ -419,5 +422,8 @@ def test_folder_images_in_each_orientation_equal_a_full_load_turned_resized_and_
         Image.fromarray(pixels).save(tmp_path / "turns" / f"o{orientation}.png", exif=exif)
     dataset = FolderDataset(tmp_path / "turns", "all", image_size=16)
     for index, path in enumerate(dataset.paths):
-        full = torch.from_numpy(np.array(_resize_shorter_and_crop(load_image(path), 16))).permute(2, 0, 1) / 255
+        with Image.open(path) as image:
+            turned = ImageOps.exif_transpose(image).convert("RGB")
+        assert np.array_equal(np.array(load_image(path)), np.array(turned)), path.name
+        full = torch.from_numpy(np.array(_resize_shorter_and_crop(turned, 16))).permute(2, 0, 1) / 255
         torch.testing.assert_close(dataset[index], full, atol=1 / 255 + 1e-6, rtol=0, msg=path.name)

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from space.data.download import ARCHIVES, ATARI_GAMES, ATARI_SPLIT_DIRS, DEFAULT_ARCHIVE_DIR, SPLITS, drive_link
@@ -110,12 +110,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             :func:`to_rgb` refuses.
     """
     image = _decoded(path)[0]
-    if _orientation(image) != 1:
-        image = ImageOps.exif_transpose(image)  # as viewers show it (see _orientation)
+    turn = _TRANSPOSE.get(_orientation(image))
+    if turn is not None:
+        image = image.transpose(turn)  # as viewers show it (see _orientation)
     return to_rgb(image, f"Image {path}")
 
 
-#: How to turn stored pixels for display, by EXIF orientation (as ``ImageOps.exif_transpose``).
+#: How to turn stored pixels for display, by EXIF orientation (the table of ``PIL.ImageOps.exif_transpose``).
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}
