@@ -8,6 +8,7 @@ is refused.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +20,9 @@ from .config import ModelConfig, TrainConfig, from_dict, original_config, to_dic
 from .io import atomic_write
 
 FORMAT = "space-dvc/1"
+MAX_LISTED = 20  # keys listed per kind of misfit in a checkpoint error
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -49,10 +53,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({error})") from error
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for non-checkpoints
         raise CheckpointError(f"{path}: not a PyTorch checkpoint or truncated ({type(error).__name__}: {error})") from error
+    if _is_bare_state_dict(ckpt):  # torch.save(model.state_dict(), path): weights without the wrapper
+        log.warning("%s holds a bare state_dict (no 'model', 'global_step', ...): read as its 'model' weights", path)
+        ckpt = {"model": ckpt}
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], Mapping):
         keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: not a SPACE checkpoint: expected a dict with a 'model' state_dict, got {keys}")
     return ckpt
+
+
+def _is_bare_state_dict(ckpt: Any) -> bool:
+    """Whether ``ckpt`` is a SPACE model's state_dict itself (every value a tensor, every key
+    under the foreground or background module, or those behind DataParallel's ``module.``)."""
+    return (isinstance(ckpt, Mapping) and len(ckpt) > 0 and "model" not in ckpt
+            and all(torch.is_tensor(v) for v in ckpt.values())
+            and all(_without_module_prefix(str(k)).split(".")[0] in ("fg_module", "bg_module") for k in ckpt))
+
+
+def _without_module_prefix(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def _unwrapped(state_dict: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """``state_dict`` without the ``module.`` that (Distributed)DataParallel puts before every key."""
+    if state_dict and all(str(k).startswith("module.") for k in state_dict):
+        log.info("%s: weights saved from (Distributed)DataParallel: read without their 'module.' prefix", source)
+        return {_without_module_prefix(k): v for k, v in state_dict.items()}
+    return state_dict
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -69,14 +96,18 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
             if items:
                 lines.append(f"  {len(items)} {title}:")
-                lines += [f"    {item}" for item in items]
+                lines += [f"    {item}" for item in items[:MAX_LISTED]]
+                if len(items) > MAX_LISTED:
+                    lines.append(f"    ... and {len(items) - MAX_LISTED} more")
         raise CheckpointError("\n".join(lines))
 
 
 def load_weights(model: nn.Module, ckpt: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Strictly load ``ckpt['model']`` into ``model`` after checking every key and shape."""
-    check_state_dict(model, ckpt["model"], source)
-    model.load_state_dict(ckpt["model"], strict=True)
+    """Strictly load ``ckpt['model']`` into ``model`` after checking every key and shape (weights
+    saved from DataParallel, every key behind ``module.``, are read without that prefix)."""
+    state_dict = _unwrapped(ckpt["model"], source)
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
 
 
 def load_original_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
@@ -94,9 +125,20 @@ def checkpoint_configs(ckpt: Mapping[str, Any], path: str | Path,
     that, the file's stem is tried (the pretrained files are named after their configs).
     """
     if "config" in ckpt:
-        config = ckpt["config"]
-        train = from_dict(TrainConfig, config["train"]) if config.get("train") else None
-        return from_dict(ModelConfig, config["model"]), train
+        config, fmt = ckpt["config"], ckpt.get("format")
+        if fmt != FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {fmt!r}; this version reads {FORMAT!r}")
+        if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
+            raise CheckpointError(f"{path}: its 'config' holds no 'model' settings (got {config!r:.200})")
+        try:
+            train = from_dict(TrainConfig, config["train"]) if config.get("train") else None
+            return from_dict(ModelConfig, config["model"]), train
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: the settings stored in this checkpoint do not fit this version of the "
+                                  f"code: {error}") from None
+    if original is not None and original not in ORIGINAL_CONFIGS:
+        raise CheckpointError(f"{path}: original={original!r} is not one of the original's configurations "
+                              f"({', '.join(ORIGINAL_CONFIGS)})")
     name = original or Path(path).stem
     if name not in ORIGINAL_CONFIGS:
         raise CheckpointError(f"{path}: an original-format checkpoint carries no config; name its configuration "

@@ -490,6 +490,11 @@ class Trainer:
         for path in reversed(find_checkpoints(self.run_dir)):
             try:
                 ckpt = read_checkpoint(path)
+                lacking = [key for key in ("resume", "optimizer_fg", "optimizer_bg", "global_step")
+                           if not isinstance(ckpt.get(key), (dict, int))]
+                if lacking:  # e.g. one of the original's files, or a stage's final model, put here by hand
+                    raise CheckpointError(f"it holds no {', '.join(lacking)} to resume training from; only the "
+                                          f"checkpoints a training run of this code writes here can resume it")
                 load_weights(self.model, ckpt, str(path))
             except (CheckpointError, FileNotFoundError) as error:
                 log.warning("skipping unusable checkpoint %s: %s", path, error)

@@ -18,7 +18,7 @@ import space
 from space.allocator import flush_denormals, retain_freed_memory
 from space.checkpoint import CheckpointError, checkpoint_configs, load_weights, read_checkpoint
 from space.cli import stage_main
-from space.config import GLOBAL_MODEL_KEYS, to_dict
+from space.config import GLOBAL_MODEL_KEYS, ORIGINAL_CONFIGS, original_config, to_dict
 from space.evaluation import resolve_device
 from space.experiment import build_dataset, data_identity, load_experiment
 from space.training import Trainer, dist_env, run_id, shutdown_distributed, under_torchrun
@@ -57,6 +57,17 @@ def import_pretrained(exp) -> space.Space:
     ckpt = read_checkpoint(path)
     ours = "config" in ckpt
     model = space.Space(checkpoint_configs(ckpt, path)[0] if ours else exp.model)
+    if model.cfg.image_size != exp.model.image_size:  # the later stages read the data at the experiment's size
+        raise CheckpointError(f"{path} was trained at image_size {model.cfg.image_size}, and "
+                              f"exp.{exp.name}.model.image_size is {exp.model.image_size}, the size at which the "
+                              f"data are read for it: set that to {model.cfg.image_size}")
+    if not ours and Path(path).stem in ORIGINAL_CONFIGS:
+        # Tensor shapes tell G and the network widths, not K, the sigmas or the priors: a file named
+        # after one of the original's configurations is compared with that configuration's settings.
+        named = Path(path).stem
+        _warn_differences(to_dict(original_config(named)[0]), to_dict(exp.model),
+                          f"{path} is named after the original's {named} configuration, whose model settings "
+                          f"differ from exp.{exp.name}.model, which it is evaluated with", exp.name)
     try:
         load_weights(model, ckpt, str(path))
     except CheckpointError as err:
@@ -66,13 +77,17 @@ def import_pretrained(exp) -> space.Space:
                               f"those it was trained with (the five original experiments in params.yaml hold the "
                               f"original's)") from None
     if ours:
-        mine, theirs = to_dict(exp.model), to_dict(model.cfg)
-        differ = [f"{key} {theirs[key]!r} (exp.{exp.name}.model: {mine[key]!r})" for key in theirs
-                  if key not in GLOBAL_MODEL_KEYS and theirs[key] != mine.get(key)]
-        if differ:
-            log.warning("%s was trained with other model settings than exp.%s.model, and is evaluated with its own: %s",
-                        path, exp.name, "; ".join(differ))
+        _warn_differences(to_dict(model.cfg), to_dict(exp.model), f"{path} was trained with other model settings "
+                          f"than exp.{exp.name}.model, and is evaluated with its own", exp.name)
     return model
+
+
+def _warn_differences(theirs: dict, mine: dict, what: str, name: str) -> None:
+    """Warn ``what``, naming each model setting (but those of how it is computed) that differs."""
+    differ = [f"{key} {theirs[key]!r} (exp.{name}.model: {mine[key]!r})" for key in theirs
+              if key not in GLOBAL_MODEL_KEYS and theirs[key] != mine.get(key)]
+    if differ:
+        log.warning("%s: %s", what, "; ".join(differ))
 
 
 def main(args):

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -102,3 +104,48 @@ def test_original_checkpoint_without_a_name_asks_for_one(tmp_path):
     with pytest.raises(CheckpointError, match="carries no config; name its configuration"):
         space.load(path)
     assert space.load(path, original="3d_room_small").cfg.G == 8
+
+
+def test_weights_saved_bare_or_from_data_parallel_load(tmp_path, caplog):
+    """torch.save(model.state_dict()) without the wrapper dict, and keys behind DataParallel's
+    'module.', are read as the weights they are; a misfit lists at most 20 keys per kind."""
+    state = synthesise_original("3d_room_small", tmp_path / "3d_room_small.pth")
+    bare, wrapped = tmp_path / "bare" / "3d_room_small.pth", tmp_path / "dp" / "3d_room_small.pth"
+    bare.parent.mkdir()
+    wrapped.parent.mkdir()
+    torch.save(state, bare)
+    torch.save({"model": {f"module.{key}": value for key, value in state.items()}}, wrapped)
+    for path in (bare, wrapped):
+        loaded = space.load(path).state_dict()
+        assert all(torch.equal(loaded[key], value.to(loaded[key].dtype)) for key, value in state.items()), path
+    assert "holds a bare state_dict" in caplog.text
+    torch.save({"model": {f"other.{key}": value for key, value in state.items()}}, wrapped)
+    with pytest.raises(CheckpointError) as error:
+        space.load(wrapped)
+    message = str(error.value)
+    assert f"{len(state)} missing keys" in message and f"... and {len(state) - 20} more" in message
+    assert len(message.splitlines()) < 50
+
+
+def test_a_checkpoint_of_ours_that_this_version_cannot_read_names_the_file(tmp_path):
+    model = build_model("3d_room_small")
+    path = tmp_path / "ours.pth"
+    save_checkpoint(path, model, None, step=0, epoch=0)
+    ckpt = torch.load(path, weights_only=True)
+    for change, expected in (
+            (lambda c: c["config"]["model"].update(old_knob=1), r"ours.pth: the settings stored in this checkpoint "
+                                                                r"do not fit this version of the code: unknown key\(s\) "
+                                                                r"in 'model': old_knob"),
+            (lambda c: c.update(format="space-dvc/999"), r"ours.pth: checkpoint format 'space-dvc/999'; this "
+                                                         r"version reads 'space-dvc/1'"),
+            (lambda c: c.update(config=None), r"ours.pth: its 'config' holds no 'model' settings")):
+        changed = copy.deepcopy(ckpt)
+        change(changed)
+        torch.save(changed, path)
+        with pytest.raises(CheckpointError, match=expected):
+            space.load(path)
+    original = tmp_path / "renamed.pth"
+    synthesise_original("3d_room_small", original)
+    with pytest.raises(CheckpointError, match=r"renamed.pth: original='bogus' is not one of the original's "
+                                              r"configurations \(3d_room_large, "):
+        space.load(original, original="bogus")

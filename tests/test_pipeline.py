@@ -122,6 +122,24 @@ def test_a_pretrained_file_that_does_not_fit_the_experiment_is_named(tmp_path):
     assert space.load(tmp_path / "models" / "3d_room_small.pth").cfg.K == 3
     result = train_stage(original="3d_room_small")
     assert result.returncode == 1 and "exp.3d_room_small.original is no longer read" in result.stderr
+    del entry["original"]
+    # One of ours trained at another image size is refused: the later stages read the data at the
+    # experiment's size, and failed on the shapes.
+    small = space.Space(dataclasses.replace(model.cfg, image_size=64))
+    space.save_checkpoint(tmp_path / "pretrained" / "small.pth", small, None, step=0, epoch=0)
+    result = train_stage(pretrained="pretrained/small.pth")
+    assert result.returncode == 1
+    assert ("pretrained/small.pth was trained at image_size 64, and exp.3d_room_small.model.image_size is 128, the "
+            "size at which the data are read for it: set that to 64") in result.stderr
+    # K is in no tensor's shape: an original-format file named after one of the original's
+    # configurations is compared with that configuration's settings.
+    synthesise_original("3d_room_small", tmp_path / "pretrained" / "3d_room_small.pth")
+    entry["model"]["K"] = 3
+    result = train_stage(pretrained="pretrained/3d_room_small.pth")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("pretrained/3d_room_small.pth is named after the original's 3d_room_small configuration, whose model "
+            "settings differ from exp.3d_room_small.model, which it is evaluated with: K 5 (exp.3d_room_small.model: "
+            "3)") in result.stderr
 
 
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)

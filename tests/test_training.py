@@ -259,3 +259,24 @@ def test_training_that_ends_at_max_epochs_before_max_steps_says_so(tmp_path, cap
     with caplog.at_level("WARNING", logger="space.training"):
         Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN), RandomImages(), tmp_path, progress=False).fit()
     assert "train.max_epochs" not in caplog.text  # raised back to 1000: the re-run resumes and reaches max_steps
+
+
+def test_a_checkpoint_without_resume_state_is_skipped_and_leaves_the_model_alone(tmp_path, caplog):
+    """A model file put among a run's checkpoints by hand (one of the original's, or a stage's
+    output, which are named alike) holds no optimiser or data position: the run starts afresh from
+    its seeded weights, saying why, instead of loading the weights and failing on the rest."""
+    import space
+
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 3})
+    fresh = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "a", progress=False)
+    other = space.Space(ModelConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for value in other.parameters():
+            value.add_(1.0)
+    space.save_checkpoint(tmp_path / "b" / "model_000000002.pth", other, None, step=1, epoch=0)
+    with caplog.at_level("WARNING", logger="space.training"):
+        trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "b", progress=False)
+    assert trainer.resumed_from is None and trainer.position.step == 0
+    assert "model_000000002.pth: it holds no resume, optimizer_fg, optimizer_bg to resume training from" in caplog.text
+    mine, seeded = trainer.model.state_dict(), fresh.model.state_dict()
+    assert all(torch.equal(mine[key], seeded[key]) for key in seeded)
