@@ -25,10 +25,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename
             os.fsync(f.fileno())
+        set_default_mode(tmp)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def set_default_mode(path: str | Path) -> None:
+    """Give ``path`` the permissions a plainly created file or folder gets under the process's
+    umask (``tempfile`` makes its files and folders readable by their owner alone)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:

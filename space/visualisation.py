@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from .geometry import boxes_to_pixels, paste_glimpses, z_where_to_boxes
+from .io import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
@@ -102,18 +102,9 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
     """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        write(file)
+    return Path(path)
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:

@@ -51,3 +51,32 @@ def test_checkpoint_survives_a_full_disk_during_save(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before and read_checkpoint(path)["global_step"] == 0
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_written_files_and_published_folders_get_the_umasks_permissions(tmp_path):
+    """Outputs are written to temporary files and folders (which tempfile makes readable by their
+    owner alone) and renamed into place: they must end with the permissions the umask gives."""
+    import os
+    import stat
+
+    import numpy as np
+
+    from space.data.download import publish_directory
+    from space.data.rooms import generate_rooms
+    from space.visualisation import save_png
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "metrics.json", {"ap_50": 0.9})
+        save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "demo.png")
+        save_checkpoint(tmp_path / "model.pth", Space(ModelConfig(image_size=32, G=4, K=2)), None, step=0, epoch=0)
+        generate_rooms(tmp_path / "rooms", image_size=32, num_train=1, num_val=1, num_test=1, progress=False)
+        staged = tmp_path / "staged"
+        staged.mkdir(mode=0o700)
+        publish_directory(staged, tmp_path / "published")
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode)
+             for name in ("metrics.json", "demo.png", "model.pth", "rooms", "published")}
+    assert modes == {"metrics.json": 0o640, "demo.png": 0o640, "model.pth": 0o640, "rooms": 0o750,
+                     "published": 0o750}

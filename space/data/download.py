@@ -38,6 +38,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..io import set_default_mode
+
 #: Where the data stage (``data.archive_dir``) and ``python -m space.fetch`` look for a hand-placed
 #: dataset archive and download one to.
 DEFAULT_ARCHIVE_DIR = "data/archives"
@@ -118,6 +120,7 @@ def publish_directory(src: str | os.PathLike, target: str | os.PathLike) -> None
     atomic; an old ``target`` is first renamed aside and deleted afterwards.
     """
     src, target = Path(src), Path(target)
+    set_default_mode(src)  # a tempfile.mkdtemp folder is its owner's alone
     if not (target.exists() or target.is_symlink()):
         os.replace(src, target)
         return
