@@ -139,6 +139,9 @@ def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experi
     return Experiment(name, data, model, train, entry.get("pretrained"))
 
 
+TRAIN_KEYS = frozenset(field.name for field in dataclasses.fields(TrainConfig))
+
+
 def _overridden(entry: Mapping[str, Any], params: Mapping[str, Any], section: str) -> dict[str, Any]:
     """An experiment's ``section`` with the top-level section of the same name laid over it, key by
     key where not null. ``dvc exp run -S`` cannot address ``exp.3d_room_large...`` (Hydra's
@@ -150,6 +153,10 @@ def _overridden(entry: Mapping[str, Any], params: Mapping[str, Any], section: st
                          f"{', '.join(sorted(set(overrides) - GLOBAL_MODEL_KEYS))}; allowed: "
                          f"{', '.join(sorted(GLOBAL_MODEL_KEYS))} (how to compute, the same values; set "
                          f"what to compute under exp.<name>.model)")
+    if section == "train" and set(overrides) - TRAIN_KEYS:  # else named as if in exp.<name>.train
+        raise ValueError(f"unknown key(s) in the top-level 'train' of params.yaml (which sets them for every "
+                         f"experiment): {', '.join(sorted(set(overrides) - TRAIN_KEYS))}; allowed keys: "
+                         f"{', '.join(sorted(TRAIN_KEYS))}")
     values = dict(entry.get(section) or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return values

@@ -100,6 +100,9 @@ def _unit_range(t: torch.Tensor, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: expected uint8 values (0..255), uint16 ones (0..65535) or float ones in [0, 1], "
                          f"got {t.dtype}")
     t = t.float()
+    if not torch.isfinite(t).all():  # NaN passes both comparisons below
+        raise ValueError(f"{what}: float values must be finite and lie in [0, 1], got "
+                         f"{int((~torch.isfinite(t)).sum())} NaN or infinite value(s)")
     if t.numel() and (t.min() < 0 or t.max() > 1):
         raise ValueError(f"{what}: float values must lie in [0, 1], got {t.min().item():g}..{t.max().item():g} "
                          f"(for 0..255, pass uint8 or divide by 255)")

@@ -108,6 +108,10 @@ def test_detect_takes_each_form_of_an_image_alike_and_refuses_values_it_would_mi
     refused = {  # values a silent guess would misread, and shapes that are not an RGB image
         "float values must lie in [0, 1], got 0..254": [rgb.astype(np.float64)],
         "float values must lie in [0, 1]": chw.float(),
+        "image 0: float values must be finite and lie in [0, 1], got 1 NaN or infinite value(s)":
+            [np.where(np.arange(rgb.size).reshape(rgb.shape) == 5, np.nan, rgb / 255.0)],
+        "the image tensor: float values must be finite and lie in [0, 1], got 2 NaN or infinite value(s)":
+            torch.where(torch.arange(chw.numel()).view(chw.shape) < 2, torch.nan, chw / 255.0),
         "expected uint8 values (0..255), uint16 ones (0..65535) or float ones in [0, 1], got torch.int64":
             [rgb.astype(np.int64)],
         "image 0 holds 32-bit float values 0..254, outside [0, 1]": Image.fromarray(grey.astype(np.float32)),

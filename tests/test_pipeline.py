@@ -182,6 +182,11 @@ def test_top_level_sections_override_every_experiment_where_not_null():
     params["model"]["K"] = 3
     with pytest.raises(ValueError, match=r"top-level 'model' of params.yaml: K; allowed: fast_path, low_memory"):
         load_experiment(params, "rooms")
+    del params["model"]["K"]
+    params["train"]["bogus_key"] = 1  # what `-S +train.bogus_key=1` adds: named where it is, not in exp.rooms.train
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in the top-level 'train' of params.yaml \(which sets them "
+                                         r"for every experiment\): bogus_key; allowed keys: amp, "):
+        load_experiment(params, "rooms")
 
 
 def test_default_experiments_run_offline():
