@@ -316,6 +316,22 @@ def build_dataset(exp: Experiment, split: str) -> Dataset:
     return datasets.FolderDataset(d.root, split, image_size=size, seed=d.seed, split_fractions=d.split_fractions)
 
 
+def _generated_here(root: Path) -> bool:
+    """Whether ``root`` is absent, empty or what a generation left before writing its marker:
+    rooms publish their whole folder (with a meta.json naming the generator) and then the marker;
+    Atari frames publish one <game>-v0 folder per game."""
+    if not root.is_dir():
+        return True
+    entries = [entry for entry in root.iterdir() if ".tmp-" not in entry.name]  # a game's folder being made
+    meta = root / "meta.json"
+    if meta.is_file():
+        try:
+            return str(json.loads(meta.read_text()).get("generator", "")).startswith("space.data.")
+        except (ValueError, AttributeError):
+            return False
+    return all(entry.is_dir() and entry.name.endswith("-v0") for entry in entries)
+
+
 def prepare_data(exp: Experiment, progress: bool = True) -> Path:
     """Generate or download the experiment's data if it is not there yet; returns its root."""
     from . import data as datasets
@@ -325,6 +341,13 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
     marker = root / GENERATED_MARKER
     wanted = json.loads(json.dumps(data_identity(d, exp.model.image_size)))  # as read back (tuples become lists)
     fresh = d.source in GENERATED and not (marker.is_file() and json.loads(marker.read_text()) == wanted)
+    if fresh and not marker.is_file() and not _generated_here(root):
+        # Generating replaces the folder: never one that this pipeline did not generate.
+        own = ", or set data.source: folder to train on the images there" if d.source == "rooms" else ""
+        raise FileExistsError(
+            f"{root} (exp.{exp.name}.data.root) holds files that were not generated here (it has no "
+            f"{GENERATED_MARKER}), and generating the '{d.source}' data there would replace them: point "
+            f"data.root at a new folder{own}")
     if d.source == "rooms":
         if fresh:
             datasets.generate_rooms(root, image_size=exp.model.image_size, num_train=d.num_train,

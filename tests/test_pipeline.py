@@ -506,6 +506,16 @@ def test_generated_data_is_made_once_and_again_only_when_its_settings_change(tmp
     params["exp"]["rooms"]["data"]["seed"] = 5
     prepare_data(load_experiment(params, "rooms"), progress=False)
     assert len(calls) == 2 and calls[-1]["seed"] == 5
+    # A folder it did not generate (a user's images, or data/ itself) is never replaced.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    params["exp"]["rooms"]["data"]["root"] = "mine"
+    with pytest.raises(FileExistsError, match=r"mine \(exp.rooms.data.root\) holds files that were not generated "
+                                              r"here \(it has no .generated-from.json\), and generating the 'rooms' "
+                                              r"data there would replace them: point data.root at a new folder, or "
+                                              r"set data.source: folder"):
+        prepare_data(load_experiment(params, "rooms"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"] and len(calls) == 2
 
 
 def test_two_experiments_generating_different_data_into_one_root_are_refused():
