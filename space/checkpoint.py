@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, TrainConfig, from_dict, original_config, to_dict, ORIGINAL_CONFIGS
-from .io import atomic_write
+from .io import atomic_path
 
 FORMAT = "space-dvc/1"
 MAX_LISTED = 20  # keys listed per kind of misfit in a checkpoint error
@@ -160,4 +160,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizers: tuple[torch.
         "format": FORMAT,
         **(extra or {}),
     }
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        # Into the open file, not its path: torch names the archive's folder after the path, a
+        # random temporary name, so equal weights gave other bytes each time (and DVC re-ran the
+        # stages after training); a full disk is also an OSError naming ENOSPC this way.
+        torch.save(ckpt, file)
