@@ -133,6 +133,12 @@ def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experi
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ValueError(f"unknown key(s) in 'exp.{name}': {', '.join(unknown)}; allowed keys: {', '.join(sorted(allowed))}")
+    for section in ("data", "model", "train"):
+        for where, value in ((f"exp.{name}.{section}", entry.get(section)), (section, params.get(section))):
+            if value is not None and not isinstance(value, Mapping):
+                _bad(where, value, "a mapping of keys to values")
+    if entry.get("pretrained") is not None and not isinstance(entry["pretrained"], str):
+        _bad(f"exp.{name}.pretrained", entry["pretrained"], "null or the path of a checkpoint file")
     data = from_dict(DataConfig, entry.get("data"), f"exp.{name}.data")
     model = from_dict(ModelConfig, _overridden(entry, params, "model"), f"exp.{name}.model")
     train = from_dict(TrainConfig, _overridden(entry, params, "train"), f"exp.{name}.train")

@@ -1,5 +1,6 @@
 """Each original experiment runs through its stages on a CPU with a smoke override (few steps,
 a few generated images in its data layout), and the default experiment's params are valid."""
+import copy
 import dataclasses
 import json
 import os
@@ -183,6 +184,13 @@ def test_top_level_sections_override_every_experiment_where_not_null():
     with pytest.raises(ValueError, match=r"top-level 'model' of params.yaml: K; allowed: fast_path, low_memory"):
         load_experiment(params, "rooms")
     del params["model"]["K"]
+    for key, value, message in (("pretrained", 123, "invalid value for 'exp.rooms.pretrained': 123; allowed: null or "
+                                                   "the path of a checkpoint file"),
+                                ("model", [1], "invalid value for 'exp.rooms.model': [1]; allowed: a mapping")):
+        broken = copy.deepcopy(params)
+        broken["exp"]["rooms"][key] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_experiment(broken, "rooms")
     params["train"]["bogus_key"] = 1  # what `-S +train.bogus_key=1` adds: named where it is, not in exp.rooms.train
     with pytest.raises(ValueError, match=r"unknown key\(s\) in the top-level 'train' of params.yaml \(which sets them "
                                          r"for every experiment\): bogus_key; allowed keys: amp, "):
