@@ -412,6 +412,11 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / f"model_{step + 1:09d}.pth"
 
 
+def _checkpoint_step(path: Path) -> int:
+    """The global_step a periodic checkpoint holds, from its name (:func:`checkpoint_path`)."""
+    return int(path.stem.split("_")[-1]) - 1
+
+
 def find_checkpoints(run_dir: Path) -> list[Path]:
     """Periodic checkpoints of a run, oldest first."""
     return sorted(run_dir.glob(CHECKPOINT_GLOB))
@@ -487,7 +492,21 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _find_resumable(self) -> tuple[str, dict[str, Any]] | None:
-        for path in reversed(find_checkpoints(self.run_dir)):
+        paths = find_checkpoints(self.run_dir)
+        # The run id leaves max_steps out, so that raising it resumes a run; lowered, it asks for
+        # a step that this run may have passed, and checkpoints past it must not be resumed.
+        within = [path for path in paths if _checkpoint_step(path) <= self.cfg.max_steps]
+        if len(within) < len(paths):
+            reached = _checkpoint_step(paths[-1])
+            if not within:
+                raise TrainingError(
+                    f"{self.run_dir} holds this run's checkpoints of steps {_checkpoint_step(paths[0])}-{reached}, "
+                    f"all past train.max_steps = {self.cfg.max_steps}, and none before it (train.max_ckpt = "
+                    f"{self.cfg.max_ckpt} are kept): to train this run to step {self.cfg.max_steps}, move that "
+                    f"folder aside, and training starts afresh")
+            log.warning("this run reached step %d, past train.max_steps = %d: resuming from the last checkpoint "
+                        "within it, %s", reached, self.cfg.max_steps, within[-1].name)
+        for path in reversed(within):
             try:
                 ckpt = read_checkpoint(path)
                 lacking = [key for key in ("resume", "optimizer_fg", "optimizer_bg", "global_step")
@@ -524,6 +543,11 @@ class Trainer:
         self.losses.extend(resume["losses"])
         best_json = self.best_path.with_suffix(".json")  # the file on disk is authoritative
         self.best = json.loads(best_json.read_text()) if env.is_main and best_json.is_file() else None
+        if self.best is not None and self.best["global_step"] > ckpt["global_step"]:
+            # Past the step resumed from (max_steps lowered): this run's best up to here is not kept.
+            log.warning("the best checkpoint by validation %s is of step %d, past the step resumed from (%d); "
+                        "it is set aside as %s", self.cfg.best_metric, self.best["global_step"],
+                        ckpt["global_step"], self._set_best_aside().name)
         self._restore_rng(resume, ckpt["global_step"])
         self.resumed_from = path
         self.last_saved = ckpt["global_step"]
@@ -560,6 +584,20 @@ class Trainer:
                 old.unlink(missing_ok=True)
         self.last_saved = step
         return path
+
+    def _set_best_aside(self) -> Path:
+        """Rename the best checkpoint and its .json with the step they hold; forget it."""
+        aside = self.best_path.with_name(f"{self.best_path.stem}_step{self.best['global_step']}.pth")
+        for source, target in ((self.best_path, aside), (self.best_path.with_suffix(".json"), aside.with_suffix(".json"))):
+            if source.exists():
+                os.replace(source, target)
+        self.best = None
+        return aside
+
+    @property
+    def validates(self) -> bool:
+        """Whether this run validates (``eval_on`` and a validation split)."""
+        return self._val_on
 
     @property
     def best_path(self) -> Path:

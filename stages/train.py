@@ -127,9 +127,14 @@ def main(args):
                 space.load_weights(model, ckpt, str(trainer.best_path))
                 step, epoch = ckpt["global_step"], ckpt["epoch"]
                 log.info("output: the best checkpoint by validation %s (step %d)", exp.train.best_metric, step)
-            elif exp.train.output == "best":
+            elif exp.train.output == "best" and not trainer.validates:
                 log.warning("train.output is 'best' but no validation ran (eval_on false or no val split): "
                             "writing the last step")
+            elif exp.train.output == "best":
+                log.warning("train.output is 'best' but this run holds no best checkpoint by validation %s (%s): "
+                            "one is kept for the train.best_metric in force when the validations ran, after step 0; "
+                            "writing the last step (the validation scores are in %s)", exp.train.best_metric,
+                            trainer.best_path, curves)
             space.save_checkpoint(out, model.cpu(), None, step=step, epoch=epoch, train_cfg=exp.train)
     finally:
         shutdown_distributed()

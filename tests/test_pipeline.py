@@ -269,6 +269,14 @@ def test_output_best_writes_the_best_validation_checkpoint(tmp_path):
     assert written["global_step"] == best["global_step"]
     assert all(torch.equal(written["model"][k], kept["model"][k]) for k in kept["model"])
     assert "output: the best checkpoint by validation count_error_rate" in result.stderr
+    # Another best_metric resumes the finished run, whose validations kept no best checkpoint by it.
+    entry["train"]["best_metric"] = "ap_50"
+    path.write_text(yaml.safe_dump(params))
+    result = run_stage("train", "rooms", tmp_path, path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train.output is 'best' but this run holds no best checkpoint by validation ap_50" in result.stderr
+    assert "no validation ran" not in result.stderr
+    assert read_checkpoint(tmp_path / "models" / "rooms.pth")["global_step"] == 4
 
 
 def test_dvc_repro_runs_an_original_experiment_and_then_nothing(tmp_path):

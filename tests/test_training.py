@@ -280,3 +280,26 @@ def test_a_checkpoint_without_resume_state_is_skipped_and_leaves_the_model_alone
     assert "model_000000002.pth: it holds no resume, optimizer_fg, optimizer_bg to resume training from" in caplog.text
     mine, seeded = trainer.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(mine[key], seeded[key]) for key in seeded)
+
+
+def test_a_lowered_max_steps_resumes_from_a_checkpoint_within_it_or_says_why_it_cannot(tmp_path, caplog):
+    """The run id leaves max_steps out (raising it resumes the run): lowered below the step a run
+    reached, training resumes from the last checkpoint within it, not from one past it, and a best
+    checkpoint past it is set aside; with none within it, the error says what to do."""
+    import shutil
+
+    cfg = lambda steps: TrainConfig(**{**TINY_TRAIN, "max_steps": steps, "best_metric": "ap_50"})  # noqa: E731
+    Trainer(ModelConfig(**TINY_MODEL), cfg(5), RandomImages(), tmp_path / "long", progress=False).fit()
+    shutil.copy(tmp_path / "long" / "model_000000006.pth", tmp_path / "long" / "best_ap_50.pth")
+    (tmp_path / "long" / "best_ap_50.json").write_text('{"name": "ap_50", "value": 0.5, "global_step": 5}')
+    short = Trainer(ModelConfig(**TINY_MODEL), cfg(3), RandomImages(), tmp_path / "short", progress=False).fit()
+    with caplog.at_level("WARNING", logger="space.training"):
+        lowered = Trainer(ModelConfig(**TINY_MODEL), cfg(3), RandomImages(), tmp_path / "long", progress=False)
+    assert lowered.resumed_from.name == "model_000000004.pth"  # of steps 3, 4 and 5 kept
+    assert "this run reached step 5, past train.max_steps = 3" in caplog.text
+    assert lowered.best is None and (tmp_path / "long" / "best_ap_50_step5.pth").is_file()
+    model = lowered.fit().state_dict()
+    assert all(torch.equal(model[key], value) for key, value in short.state_dict().items())
+    with pytest.raises(TrainingError, match=r"holds this run's checkpoints of steps 3-5, all past train.max_steps = "
+                                            r"2, and none before it \(train.max_ckpt = 3 are kept\)"):
+        Trainer(ModelConfig(**TINY_MODEL), cfg(2), RandomImages(), tmp_path / "long", progress=False)
