@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +32,8 @@ from .config import GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, _bad, from_dict
 from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
+log = logging.getLogger(__name__)
+
 DOWNLOADED = ("OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI")
 GENERATED = ("rooms", "ale")  # made by the data stage from the data settings
 GENERATED_MARKER = ".generated-from.json"  # in a generated dataset's root
@@ -273,6 +276,30 @@ def data_fingerprint(exp: Experiment, progress: bool = True) -> str:
                     bar.update(len(block))
             digest.update(b"\0")
     return digest.hexdigest()
+
+
+def ensure_data(exp: Experiment) -> None:
+    """Make the experiment's data again where the data stage's images are missing but its manifest
+    is there: DVC runs ``dvc exp run --queue`` and ``--temp`` in a copy of the repository holding
+    only what git tracks, and once dvc.lock is committed it skips the data stage there (its
+    manifest and params are unchanged), so the later stages found no images. Generated data are
+    made again and downloaded data fetched again, checked against the manifest's fingerprint; a
+    user's folder cannot be, and the error says so."""
+    root, manifest = Path(exp.data.root), Path(f"data/manifests/{exp.name}.json")
+    if root.is_dir() or not manifest.is_file():
+        return  # there, or the data stage has not run (the dataset then says how to get it)
+    if exp.data.source not in GENERATED + DOWNLOADED:
+        raise FileNotFoundError(
+            f"image folder {root} (exp.{exp.name}.data.root) does not exist here, though {manifest} does: a "
+            f"run of `dvc exp run --queue` or `--temp` works in a copy of the repository holding only what git "
+            f"tracks; give data.root as an absolute path, or run `dvc exp run` without --queue/--temp")
+    log.warning("%s is missing though %s is there (a copy of the repository, as `dvc exp run --queue` makes): "
+                "making the data again", root, manifest)
+    prepare_data(exp)
+    recorded = json.loads(manifest.read_text()).get("content")
+    if data_fingerprint(exp) != recorded:
+        raise ValueError(f"the data made again in {root} differ from those that {manifest} records; run "
+                         f"`dvc repro --force data@{exp.name}` and then the stages after it")
 
 
 def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> None:

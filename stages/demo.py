@@ -4,7 +4,7 @@ import torch
 import space
 from space.cli import stage_main
 from space.config import load_params
-from space.experiment import build_dataset, load_experiment, stage_settings
+from space.experiment import build_dataset, ensure_data, load_experiment, stage_settings
 from space.visualisation import demo_figure, training_curves
 
 
@@ -12,6 +12,7 @@ def main(args):
     params = load_params(args.params)
     exp, settings = load_experiment(params, args.experiment), stage_settings(params, "demo")
     model = space.load(f"models/{exp.name}.pth")
+    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
     dataset = build_dataset(exp, settings["split"])
     indices = [i for i in settings["indices"] if i < len(dataset)]
     beyond = [i for i in settings["indices"] if i >= len(dataset)]

@@ -5,7 +5,7 @@ import space
 from space.cli import stage_main
 from space.config import load_params
 from space.evaluation import RESEED_REMEDY, evaluate, resolve_device
-from space.experiment import build_dataset, load_experiment, stage_settings
+from space.experiment import build_dataset, ensure_data, load_experiment, stage_settings
 from space.io import nulls_for_non_finite, write_json, write_text
 
 
@@ -14,6 +14,7 @@ def main(args):
     exp, settings = load_experiment(params, args.experiment), stage_settings(params, "evaluate")
     device = resolve_device(settings["device"])
     model = space.load(f"models/{exp.name}.pth", device=device)
+    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
     dataset = build_dataset(exp, settings["split"])
     results = evaluate(model, dataset, settings["batch_size"], settings["mode"], settings["num_images"], device)
     results = {"experiment": exp.name, "split": settings["split"], **results}

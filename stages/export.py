@@ -2,7 +2,7 @@
 import space
 from space.cli import stage_main
 from space.config import load_params
-from space.experiment import build_dataset, load_experiment, stage_settings
+from space.experiment import build_dataset, ensure_data, load_experiment, stage_settings
 from space.objects import export_detections
 
 
@@ -10,6 +10,7 @@ def main(args):
     params = load_params(args.params)
     exp, settings = load_experiment(params, args.experiment), stage_settings(params, "export")
     model = space.load(f"models/{exp.name}.pth")
+    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
     dataset = build_dataset(exp, settings["split"])
     summary = export_detections(model, dataset, f"exports/{exp.name}", settings["batch_size"],
                                 settings["threshold"], settings["mode"], settings["num_images"])

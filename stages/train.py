@@ -20,7 +20,7 @@ from space.checkpoint import CheckpointError, checkpoint_configs, load_weights, 
 from space.cli import stage_main
 from space.config import GLOBAL_MODEL_KEYS, ORIGINAL_CONFIGS, original_config, to_dict
 from space.evaluation import resolve_device
-from space.experiment import build_dataset, data_identity, load_experiment
+from space.experiment import build_dataset, data_identity, ensure_data, load_experiment
 from space.training import Trainer, dist_env, run_id, shutdown_distributed, under_torchrun
 
 log = logging.getLogger("stages.train")
@@ -109,6 +109,7 @@ def main(args):
     if exp.train.nproc_per_node > 1 and not under_torchrun():
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return
+    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
     manifest = Path(f"data/manifests/{exp.name}.json")
     content = json.loads(manifest.read_text()).get("content") if manifest.is_file() else None
     rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size, content), env.world_size)

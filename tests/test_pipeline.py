@@ -546,3 +546,30 @@ def test_two_experiments_generating_different_data_into_one_root_are_refused():
     check_generated_root(params, "small")  # its own root
     params["exp"]["same"] = params["exp"]["rooms"]  # the same settings share a root without harm
     check_generated_root(params, "same")
+
+
+def test_stages_make_generated_data_again_where_a_copy_of_the_repository_lacks_it(tmp_path):
+    """`dvc exp run --queue` and `--temp` run in a copy holding what git tracks: with dvc.lock
+    committed, DVC skips the data stage there and the images (git-ignored) are missing. The later
+    stages make generated data again, checked against the manifest; a user's folder is named."""
+    import shutil
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    entry = params["exp"]["rooms"]
+    entry["data"].update(root="data/rooms", num_train=4, num_val=2, num_test=2)
+    entry["train"].update(max_steps=1, batch_size=2, val_num_images=2, eval_every=1, device="cpu")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert run_stage("data", "rooms", tmp_path, path).returncode == 0
+    made = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data" / "rooms").rglob("*.png"))
+    shutil.rmtree(tmp_path / "data" / "rooms")
+    result = run_stage("train", "rooms", tmp_path, path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "data/rooms is missing though data/manifests/rooms.json is there" in result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data" / "rooms").rglob("*.png")) == made
+    entry["data"] = {"source": "folder", "root": "data/mine"}
+    path.write_text(yaml.safe_dump(params))
+    result = run_stage("evaluate", "rooms", tmp_path, path)
+    assert result.returncode == 1
+    assert ("image folder data/mine (exp.rooms.data.root) does not exist here, though data/manifests/rooms.json "
+            "does: a run of `dvc exp run --queue` or `--temp` works in a copy") in result.stderr
