@@ -159,6 +159,19 @@ def test_obj3d_missing_box_folder_and_bad_names(obj3d: Path) -> None:
         Obj3dDataset(obj3d, "train", with_boxes=False)
 
 
+def test_obj3d_images_with_a_gap_in_their_indices_are_refused_where_boxes_are_read(obj3d: Path) -> None:
+    """Box file i belongs to the i-th image in index order (SPEC 10.1): with image 4 gone, image 5
+    took bb_4.txt without a word. Images alone still load."""
+    (obj3d / "val" / "4-obj.png").unlink()
+    with pytest.raises(ValueError, match=r"val has no image of index 4 \(1 of indices 0-11 missing\): the i-th image in "
+                                         r"index order takes box file bb_i.txt"):
+        Obj3dDataset(obj3d, "val")
+    assert len(Obj3dDataset(obj3d, "val", with_boxes=False)) == 11
+    (obj3d / "test" / "0-obj.png").rename(obj3d / "test" / "2-obj.png")  # numbered 1..n
+    with pytest.raises(ValueError, match=r"test has no image of index 0 \(1 of indices 0-2 missing\)"):
+        Obj3dDataset(obj3d, "test")
+
+
 def test_read_box_file_matches_original_formula(tmp_path: Path) -> None:
     path = tmp_path / "bb_0.txt"
     path.write_text("64.5,30,21,17\n")
