@@ -284,10 +284,14 @@ def ensure_data(exp: Experiment) -> None:
     only what git tracks, and once dvc.lock is committed it skips the data stage there (its
     manifest and params are unchanged), so the later stages found no images. Generated data are
     made again and downloaded data fetched again, checked against the manifest's fingerprint; a
-    user's folder cannot be, and the error says so."""
+    user's folder cannot be, and the error says so. Data that are there must have the split sizes
+    the manifest records (a folder's content may have changed since, unseen by DVC)."""
     root, manifest = Path(exp.data.root), Path(f"data/manifests/{exp.name}.json")
-    if root.is_dir() or not manifest.is_file():
-        return  # there, or the data stage has not run (the dataset then says how to get it)
+    if not manifest.is_file():
+        return  # the data stage has not run (the dataset then says how to get it)
+    if root.is_dir():
+        _check_split_sizes(exp, manifest)
+        return
     if exp.data.source not in GENERATED + DOWNLOADED:
         raise FileNotFoundError(
             f"image folder {root} (exp.{exp.name}.data.root) does not exist here, though {manifest} does: a "
@@ -300,6 +304,19 @@ def ensure_data(exp: Experiment) -> None:
     if data_fingerprint(exp) != recorded:
         raise ValueError(f"the data made again in {root} differ from those that {manifest} records; run "
                          f"`dvc repro --force data@{exp.name}` and then the stages after it")
+
+
+def _check_split_sizes(exp: Experiment, manifest: Path) -> None:
+    """Refuse data whose split sizes differ from those the data stage recorded: images added to or
+    removed from a folder since (DVC does not watch a folder's content; the data stage does)."""
+    recorded = json.loads(manifest.read_text()).get("splits") or {}
+    now = {split: len(build_dataset(exp, split)) for split in recorded}
+    if now != recorded:
+        changed = ", ".join(f"{split} {now[split]} (recorded {recorded[split]})" for split in recorded
+                            if now[split] != recorded[split])
+        raise ValueError(f"{exp.data.root} holds other images than when the data stage wrote {manifest}: images per "
+                         f"split {changed}; run `dvc repro --force data@{exp.name}` (then `dvc repro`), so that the "
+                         f"later stages see the new images as new data")
 
 
 def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> None:

@@ -14,7 +14,7 @@ def main(args):
     exp, settings = load_experiment(params, args.experiment), stage_settings(params, "evaluate")
     device = resolve_device(settings["device"])
     model = space.load(f"models/{exp.name}.pth", device=device)
-    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
+    ensure_data(exp)  # the images the data stage recorded (a copy of the repository may lack them)
     dataset = build_dataset(exp, settings["split"])
     results = evaluate(model, dataset, settings["batch_size"], settings["mode"], settings["num_images"], device)
     results = {"experiment": exp.name, "split": settings["split"], **results}

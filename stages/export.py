@@ -10,7 +10,7 @@ def main(args):
     params = load_params(args.params)
     exp, settings = load_experiment(params, args.experiment), stage_settings(params, "export")
     model = space.load(f"models/{exp.name}.pth")
-    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
+    ensure_data(exp)  # the images the data stage recorded (a copy of the repository may lack them)
     dataset = build_dataset(exp, settings["split"])
     summary = export_detections(model, dataset, f"exports/{exp.name}", settings["batch_size"],
                                 settings["threshold"], settings["mode"], settings["num_images"])

@@ -109,7 +109,7 @@ def main(args):
     if exp.train.nproc_per_node > 1 and not under_torchrun():
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return
-    ensure_data(exp)  # a copy of the repository (dvc exp run --queue) may lack the images
+    ensure_data(exp)  # the images the data stage recorded (a copy of the repository may lack them)
     manifest = Path(f"data/manifests/{exp.name}.json")
     content = json.loads(manifest.read_text()).get("content") if manifest.is_file() else None
     rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size, content), env.world_size)

@@ -567,6 +567,13 @@ def test_stages_make_generated_data_again_where_a_copy_of_the_repository_lacks_i
     assert result.returncode == 0, result.stderr[-2000:]
     assert "data/rooms is missing though data/manifests/rooms.json is there" in result.stderr
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data" / "rooms").rglob("*.png")) == made
+    test = tmp_path / "data" / "rooms" / "test"  # an image added since the data stage ran
+    shutil.copy(test / "0-room.png", test / "2-room.png")
+    shutil.copy(test / "bb" / "bb_0.txt", test / "bb" / "bb_2.txt")
+    result = run_stage("evaluate", "rooms", tmp_path, path)
+    assert result.returncode == 1
+    assert ("data/rooms holds other images than when the data stage wrote data/manifests/rooms.json: images per split "
+            "test 3 (recorded 2); run `dvc repro --force data@rooms`") in result.stderr
     entry["data"] = {"source": "folder", "root": "data/mine"}
     path.write_text(yaml.safe_dump(params))
     result = run_stage("evaluate", "rooms", tmp_path, path)
