@@ -412,6 +412,11 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
                                     progress=progress)
     elif d.source in DOWNLOADED:
         if not root.is_dir():
+            folder = datasets.ARCHIVES[d.source].folder  # what the archive extracts to, beside the others
+            if root.name != folder:
+                raise ValueError(f"exp.{exp.name}.data.root {str(root)!r} does not exist, and the {d.source} archive "
+                                 f"extracts to a folder named {folder}: name data.root .../{folder} (e.g. "
+                                 f"{root.parent / folder}), or point it at a copy of the extracted dataset")
             datasets.fetch_archive(d.source, root.parent, archive_dir=d.archive_dir, url=d.url)
     elif not root.is_dir():
         raise FileNotFoundError(f"image folder {root} (exp.{exp.name}.data.root) does not exist: "

@@ -532,6 +532,12 @@ def test_generated_data_is_made_once_and_again_only_when_its_settings_change(tmp
                                               r"set data.source: folder"):
         prepare_data(load_experiment(params, "rooms"), progress=False)
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"] and len(calls) == 2
+    # A downloaded dataset extracts to its archive's folder name: another root is named before fetching.
+    params["exp"]["3d_room_small"]["data"]["root"] = "data/obj3d_small"
+    with pytest.raises(ValueError, match=r"exp.3d_room_small.data.root 'data/obj3d_small' does not exist, and the "
+                                         r"OBJ3D_SMALL archive extracts to a folder named OBJ3D_SMALL: name data.root "
+                                         r".../OBJ3D_SMALL \(e.g. data/OBJ3D_SMALL\)"):
+        prepare_data(load_experiment(params, "3d_room_small"), progress=False)
 
 
 def test_two_experiments_generating_different_data_into_one_root_are_refused():
