@@ -132,6 +132,7 @@ def test_download_and_extract(served, tmp_path: Path) -> None:
     [
         ("truncated", "is truncated"),
         ("corrupt", "not a valid .tar.gz"),
+        ("html", "is a web page, not a .tar.gz archive: the server answered with HTML"),
         ("dotdot", "unsafe member"),
         ("absolute", "unsafe member"),
         ("symlink", "unsafe member"),
@@ -146,6 +147,8 @@ def test_bad_archives_are_refused_and_leave_nothing(served, tmp_path: Path, cont
         archive.write_bytes(good[: len(good) // 2])
     elif content == "corrupt":
         archive.write_bytes(b"this is not gzip at all" * 100)
+    elif content == "html":  # what Google Drive serves, with status 200, when a file's quota is exceeded
+        archive.write_bytes(b"\n<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head></html>")
     elif content == "dotdot":
         make_obj3d_archive(archive, extra=[("OBJ3D_SMALL/../../evil.txt", b"evil")])
     elif content == "absolute":
@@ -173,19 +176,24 @@ def test_bad_archives_are_refused_and_leave_nothing(served, tmp_path: Path, cont
 def test_unreachable_host_fails_fast_with_manual_route(tmp_path: Path) -> None:
     data = tmp_path / "data"
     start = time.monotonic()
+    url = closed_port_url()
     with pytest.raises(ArchiveError) as error:
-        fetch_archive("OBJ3D_SMALL", data, url=closed_port_url())
+        fetch_archive("OBJ3D_SMALL", data, url=url)
     assert time.monotonic() - start < 5.0
     message = str(error.value)
     assert f"https://drive.google.com/open?id={OBJ3D_ID}" in message
     assert str(data / "OBJ3D_SMALL.tar.gz") in message and "by hand" in message
+    assert f"by hand from {url} (or from Google Drive" in message  # the mirror asked for first
     assert not (data / "OBJ3D_SMALL").exists()
 
 
-def test_hand_placed_archive_is_used_without_network(tmp_path: Path) -> None:
+def test_hand_placed_archive_is_used_without_network(tmp_path: Path, caplog) -> None:
     data = tmp_path / "data"
     archive = make_obj3d_archive(data / "OBJ3D_SMALL.tar.gz")
+    (data / ".OBJ3D_SMALL.extract-k1ll3d").mkdir()  # what a killed extraction leaves
     result = fetch_archive("OBJ3D_SMALL", data, url=closed_port_url())
+    assert ".OBJ3D_SMALL.extract-k1ll3d: left by an extraction of OBJ3D_SMALL that was stopped" in caplog.text
+    (data / ".OBJ3D_SMALL.extract-k1ll3d").rmdir()
     assert (result / "test" / "0-room.png").read_bytes() == b"png"
     assert archive.is_file(), "a hand-placed archive is not deleted"
     assert leftovers(data) == ["OBJ3D_SMALL", "OBJ3D_SMALL.tar.gz"]

@@ -11,7 +11,8 @@ Where things go, as in the original README (``data_dir`` plays the role of
 ``tar -xzf <archive> -C <data_dir>``):
 
 * ``OBJ3D_SMALL``, ``OBJ3D_LARGE``, ``ATARI``: the archive is
-  ``data/<NAME>.tar.gz``; it extracts to ``data/<NAME>/``.
+  ``data/archives/<NAME>.tar.gz`` (``DEFAULT_ARCHIVE_DIR``; the original's scripts put it in
+  ``data/``); it extracts to ``data/<NAME>/``.
 * ``pretrained``: the archive is ``pretrained/pretrained.tar.gz``; it extracts
   to the five ``pretrained/*.pth`` files.
 
@@ -28,6 +29,7 @@ place (a downloaded archive is deleted after extraction, as the original did).
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import tarfile
@@ -39,6 +41,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..io import set_default_mode
+
+log = logging.getLogger(__name__)
 
 #: Where the data stage (``data.archive_dir``) and ``python -m space.fetch`` look for a hand-placed
 #: dataset archive and download one to.
@@ -134,9 +138,10 @@ def _is_complete(folder: Path, expected: tuple[str, ...]) -> bool:
     return folder.is_dir() and all((folder / entry).exists() for entry in expected)
 
 
-def _manual_route(name: str, archive: Path) -> str:
+def _manual_route(name: str, archive: Path, url: str | None = None) -> str:
+    where = f"{url} (or from Google Drive, {drive_link(name)})" if url else drive_link(name)
     return (
-        f"Download {archive.name} by hand from {drive_link(name)} and put it at {archive}, "
+        f"Download {archive.name} by hand from {where} and put it at {archive}, "
         f"then run again (it is then used without network access)."
     )
 
@@ -172,7 +177,7 @@ def _download(name: str, archive: Path, url: str | None) -> None:
         partial = _partial_files(archive)
         kept = f" The partial download {partial[0]} is kept; running again resumes it." if partial else ""
         raise ArchiveError(
-            f"Could not download {archive.name} from {source}: {reason}.{kept}\n{_manual_route(name, archive)}"
+            f"Could not download {archive.name} from {source}: {reason}.{kept}\n{_manual_route(name, archive, url)}"
         ) from None
 
 
@@ -288,6 +293,12 @@ def fetch_archive(
         return ArchiveError(f"The downloaded {archive} {problem}; it was deleted. Run again to download it anew.")
 
     # 2. Complete gzip stream?
+    with open(archive, "rb") as file:
+        head = file.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        error = fail("is a web page, not a .tar.gz archive: the server answered with HTML (Google Drive does so "
+                     "when the file's download quota is exceeded or it asks for a confirmation)")
+        raise ArchiveError(f"{error}\n{_manual_route(name, archive, url)}" if not hand_placed else str(error))
     try:
         _check_gzip(archive, progress)
     except EOFError:
@@ -297,6 +308,10 @@ def fetch_archive(
 
     # 3. Extract into a temporary sibling, refusing unsafe members.
     data_dir.mkdir(parents=True, exist_ok=True)
+    left = sorted(data_dir.glob(f".{name}.extract-*"))
+    if left:  # a killed extraction (SIGKILL, out of memory) cannot clean up; another may be running now
+        log.warning("%s: left by an extraction of %s that was stopped; unless one is running now, delete them to "
+                    "free their space", ", ".join(map(str, left)), name)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=data_dir))
     try:
         try:
