@@ -31,7 +31,9 @@ def main(args):
               f"model computes NaN or infinity on these images (a diverged run or a corrupt checkpoint)")
     print({k: results[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse", "bg_failure") if k in results})
     if results["bg_failure"]:
-        print(f"warning: {results['bg_failure_reason']}; {RESEED_REMEDY}")
+        remedy = (f"the model is the pretrained file {exp.pretrained}, not trained here: check that its experiment's "
+                  f"data and model settings are those it was trained with" if exp.pretrained else RESEED_REMEDY)
+        print(f"warning: {results['bg_failure_reason']}; {remedy}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def test_a_pretrained_original_checkpoint_is_evaluated_and_drawn_without_trainin
     assert all(torch.equal(loaded[key], value.to(loaded[key].dtype)) for key, value in state.items())
     metrics = json.loads((tmp_path / "metrics" / "3d_room_small.json").read_text())
     assert metrics["num_images"] == 2 and metrics["mse"] is not None and "not finite" not in out["evaluate"]
+    assert metrics["bg_failure"]  # random weights: the remedy is not to reseed a training that never ran
+    assert "the model is the pretrained file pretrained/renamed.pth, not trained here" in out["evaluate"]
+    assert "train.seed" not in out["evaluate"]
     assert (tmp_path / "plots" / "demo" / "3d_room_small.png").is_file()
     assert (tmp_path / "exports" / "3d_room_small.parquet").is_file()
 
