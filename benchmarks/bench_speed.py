@@ -220,6 +220,12 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from space.evaluation import resolve_device
+
+    try:
+        resolve_device(args.device)  # here first: a device that is not there fails in one line, not in a worker
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     print(f"batch {args.batch}, 128 x 128 (params.yaml experiments: their own), torch threads {args.threads}, median of {args.steps} steps after "
           f"{args.warmup} warm-up, z_scale bias {args.scale_bias:+g}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}, "

@@ -118,7 +118,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["3d_room_small", "atari_spaceinvaders"])
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:  # e.g. no CUDA here: one line, not a traceback
+        raise SystemExit(f"error: {error}") from None
     if device.type == "cuda":
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}, "
               f"cudnn {torch.backends.cudnn.version()}, TF32 for convolutions {torch.backends.cudnn.allow_tf32}")
