@@ -8,7 +8,7 @@ from the object sizes and counts; without boxes they cannot be known and we say 
 
 Command line::
 
-    python -m space.hints --experiment rooms                  # boxes of its val/test split
+    python -m space.hints --experiment rooms                  # the boxes of its splits
     python -m space.hints --boxes 12,20,14,16 40,8,10,12 --image-size 128
     python -m space.hints --boxes 400,300,90,120 --image-size 1000 --model-size 128
 """
@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Propose G and the priors of SPACE for a dataset.")
     parser.add_argument("--experiment", help="an experiment of params.yaml: use its data's boxes")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
+                        help="whose boxes to read with --experiment (default: every split that has them)")
     parser.add_argument("--boxes", nargs="*", help="boxes you measured, each cx,cy,w,h in pixels")
     parser.add_argument("--image-size", type=int, default=128, help="image side the --boxes are in")
     parser.add_argument("--model-size", type=int, help="the model's image_size, if not --image-size "
@@ -154,9 +155,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("give --experiment NAME or --boxes")
         from .experiment import build_dataset, load_experiment
         exp = load_experiment(args.params, args.experiment)
-        dataset = build_dataset(exp, args.split)
-        boxes = [dataset.boxes(i) for i in range(len(dataset))] if getattr(dataset, "has_boxes", False) else None
-        print(suggest(boxes, exp.model.image_size).text())
+        datasets = [build_dataset(exp, split) for split in (("train", "val", "test") if args.split == "all"
+                                                            else (args.split,))]
+        boxes = [dataset.boxes(i) for dataset in datasets if getattr(dataset, "has_boxes", False)
+                 for i in range(len(dataset))]
+        print(suggest(boxes or None, exp.model.image_size).text())
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -52,3 +52,19 @@ def test_command_line_refusals_name_the_box_or_size_at_fault(capsys):
             main(list(argv))
         assert stop.value.code == 1
         assert message in capsys.readouterr().err
+
+
+def test_an_experiment_gives_the_boxes_of_every_split_by_default(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from conftest import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    generate_rooms(tmp_path / "r", image_size=64, num_train=5, num_val=3, num_test=2, seed=1, progress=False)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["rooms"]["data"].update(root="r", num_train=5, num_val=3, num_test=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    main(["--experiment", "rooms"])
+    assert "boxes in 10 images" in capsys.readouterr().out
+    main(["--experiment", "rooms", "--split", "val"])
+    assert "boxes in 3 images" in capsys.readouterr().out
