@@ -255,3 +255,9 @@ def test_back_wall_only_hides_the_side_walls(seed: int) -> None:
     assert np.abs(np.diff(top, axis=0)).max() <= 3
     shaded = render_room(np.random.default_rng(seed), image_size=64, max_objects=4, shadows=False)[0]
     assert np.abs(np.diff(shaded[0].astype(int), axis=0)).max() > 3, "the usual room shows a side wall"
+
+
+def test_a_root_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(OSError, match=r"cannot make the dataset folder .*file/rooms: "):
+        generate_rooms(tmp_path / "file" / "rooms", image_size=32, num_train=1, num_val=1, num_test=1, progress=False)

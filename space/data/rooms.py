@@ -662,8 +662,11 @@ def generate_rooms(
         walls=walls,
     )
 
-    out_root.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.tmp-", dir=out_root.parent))
+    try:
+        out_root.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.tmp-", dir=out_root.parent))
+    except OSError as error:  # else named by the temporary folder beside it
+        raise OSError(error.errno, f"cannot make the dataset folder {out_root}: {error.strerror}") from None
     try:
         for split in SPLITS:
             (stage / split / "bb").mkdir(parents=True)
