@@ -72,6 +72,7 @@ from .schedules import Priors, bg_lr_at, fg_lr_at, priors_at
 log = logging.getLogger("space.training")
 
 CHECKPOINT_GLOB = "model_*.pth"
+PLOTTED_VAL_COLUMNS = ("val_ap_50", "val_count_accuracy")  # the validation columns dvc.yaml's plots name
 TRAIN_METRICS = ("loss", "elbo", "log_like", "mse", "kl_z_what", "kl_z_where", "kl_z_pres", "kl_z_depth",
                  "kl_bg", "boundary_loss", "count")
 
@@ -786,6 +787,9 @@ class Trainer:
             return
         import pandas as pd
         frame = pd.DataFrame(self.rows).sort_values("step")
+        for column in PLOTTED_VAL_COLUMNS:  # dvc.yaml plots them: a run without validation leaves them empty,
+            if column not in frame:          # where a missing field made `dvc plots show` drop the whole plot
+                frame[column] = float("nan")
         write_text(self.plots_path, frame.to_csv(index=False, float_format="%.6g"))
 
 

@@ -303,3 +303,17 @@ def test_a_lowered_max_steps_resumes_from_a_checkpoint_within_it_or_says_why_it_
     with pytest.raises(TrainingError, match=r"holds this run's checkpoints of steps 3-5, all past train.max_steps = "
                                             r"2, and none before it \(train.max_ckpt = 3 are kept\)"):
         Trainer(ModelConfig(**TINY_MODEL), cfg(2), RandomImages(), tmp_path / "long", progress=False)
+
+
+def test_the_plot_csv_holds_every_field_dvc_yaml_plots_even_without_validation(tmp_path):
+    """`dvc plots show` dropped the whole training plot of a run without validation (eval_on false,
+    as the Atari experiments and a folder without boxes): dvc.yaml names val_* fields it lacked."""
+    import yaml
+
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    fields = next(entry["plots/train"]["y"] for entry in plots if isinstance(entry, dict) and "plots/train" in entry)
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 2})
+    Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path, plots_path=tmp_path / "plot.csv",
+            progress=False).fit()
+    frame = pd.read_csv(tmp_path / "plot.csv")
+    assert set(fields) <= set(frame.columns) and frame["val_ap_50"].isna().all() and frame["loss"].notna().all()
