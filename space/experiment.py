@@ -197,7 +197,8 @@ def stage_settings(params: Mapping[str, Any], section: str) -> dict[str, Any]:
         "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         "num_images": (lambda v: v is None or is_int(v) and v >= 1, "null (the whole split) or an integer >= 1"),
         "device": (lambda v: isinstance(v, str), "'auto', 'cpu', 'cuda' or 'cuda:N'"),
-        "threshold": (lambda v: is_number(v) and 0 < v < 1, "a presence probability between 0 and 1"),
+        "threshold": (lambda v: is_number(v) and 0 <= v < 1, "a presence probability in [0, 1), above which a "
+                                                              "cell is an object (0: every cell)"),
         "indices": (lambda v: isinstance(v, list) and v and all(is_int(i) and i >= 0 for i in v),
                     "a non-empty list of image indices (integers >= 0)"),
     }

@@ -6,6 +6,8 @@ x_max 6). Boxes are not clipped to the image (SPACE's boxes may overhang its bor
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .data.datasets import to_rgb
+from .data.datasets import to_rgb, turned_as_shown
 from .evaluation import PRESENCE_THRESHOLD
 from .geometry import boxes_to_pixels, z_where_to_boxes
 from .io import atomic_write, write_json
 from .model import Space
 from .schedules import final_priors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,11 +54,17 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
     0..65535), or one image or a list of them, each a PIL image (any mode, 16-bit and float ones
     included: converted to RGB as the datasets do, by :func:`space.data.datasets.to_rgb`) or an
     (H, W, 3) array (uint8, uint16, or float in [0, 1]; (H, W) grey and (H, W, 4) with alpha are
-    taken as PIL takes them: grey repeated, alpha dropped).
+    taken as PIL takes them: grey repeated, alpha dropped). A PIL image with an EXIF orientation
+    (a phone photo) is turned as viewers show it, as the datasets turn their files; its boxes are
+    in that turned image.
     """
+    if isinstance(images, (str, os.PathLike)):
+        raise ValueError(f"got the path {str(images)!r}: pass the image itself, e.g. PIL.Image.open(path)")
     if torch.is_tensor(images):
         if images.dim() not in (3, 4) or images.shape[-3] != 3:
             raise ValueError(f"expected a (B, 3, H, W) or (3, H, W) image tensor, got shape {tuple(images.shape)}")
+        if images.numel() == 0:
+            raise ValueError(f"no images given (a tensor of shape {tuple(images.shape)})")
         x = _unit_range(images, "the image tensor")
         if x.dim() == 3:
             x = x[None]
@@ -66,7 +76,10 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
         images = [images]  # one image
     tensors, shapes = [], []
     for k, image in enumerate(images):
-        array = np.asarray(to_rgb(image, f"image {k}") if hasattr(image, "convert") else image)
+        if isinstance(image, (str, os.PathLike)):
+            raise ValueError(f"image {k}: got the path {str(image)!r}: pass the image itself, e.g. PIL.Image.open(path)")
+        # a PIL image is turned as viewers show it, as the datasets turn their files
+        array = np.asarray(to_rgb(turned_as_shown(image), f"image {k}") if hasattr(image, "convert") else image)
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
         elif array.ndim == 3 and array.shape[2] in (1, 4):
@@ -122,6 +135,9 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
     Returns:
         per image, a list of :class:`Detection`, most confident first.
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise ValueError(f"threshold: a presence probability in [0, 1) above which a cell is an object, got "
+                         f"{threshold!r}")
     device = next(model.parameters()).device
     x, shapes = _as_batch(images, model.cfg.image_size)
     was_training = model.training
@@ -133,6 +149,10 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
     boxes = z_where_to_boxes(out.z_where).cpu()  # (B, N, 4) normalised
     prob, depth = out.z_pres_prob[..., 0].cpu(), out.z_depth[..., 0].cpu()
     z_what = out.z_what.cpu()
+    finite = torch.stack([t.flatten(1).isfinite().all(1) for t in (boxes, prob, depth, z_what)]).all(0)
+    if not finite.all():  # NaN presence compares false: a diverged model would find "no objects"
+        raise ValueError(f"the model computes NaN or infinite latents for image(s) "
+                         f"{torch.nonzero(~finite).flatten().tolist()[:10]} (a diverged run or a corrupt checkpoint)")
     results = []
     for b, (height, width) in enumerate(shapes):
         pixels = boxes_to_pixels(boxes[b], height, width)
@@ -149,7 +169,8 @@ FILE_BOX_COLUMNS = ("file_x_min", "file_y_min", "file_x_max", "file_y_max")
 
 def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_size: int = 32,
                       threshold: float = PRESENCE_THRESHOLD, mode: str = "deterministic",
-                      num_images: int | None = None, progress: bool = True) -> dict[str, Any]:
+                      num_images: int | None = None, progress: bool = True, split: str | None = None
+                      ) -> dict[str, Any]:
     """Detect objects in a dataset split and write them as a table and a JSON file.
 
     Writes ``<path>.parquet`` (or ``.csv`` where pyarrow is missing): one row per object with
@@ -158,11 +179,16 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
     file as viewers show it, undoing the resize and crop) and z_what_0..z_what_{D-1}; and ``<path>.json``: per image,
     its file and objects. Both atomically. The file columns need a dataset of ``space.data``
     (one with ``source(index)``); for other datasets they are left out.
-    Returns a summary.
+    ``split`` (its name) and the number of images go into the JSON too. Returns a summary.
     """
     import pandas as pd
 
+    if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1):
+        raise ValueError(f"num_images: a number of images >= 1 or None (all), got {num_images!r}")
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
+    if num_images is not None and num_images > n:
+        log.warning("num_images = %d, but the %s has %d images: exporting those", num_images,
+                    f"{split} split" if split else "dataset", n)
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
     sources = hasattr(dataset, "source")  # our datasets: each item's file and its geometry
     rows, per_image, index = [], [], 0
@@ -185,7 +211,10 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
             index += 1
     columns = ["image", *(["file"] if sources else []), "object", "x_min", "y_min", "x_max", "y_max", "presence",
                "depth", "cell", *(FILE_BOX_COLUMNS if sources else ()), *(f"z_what_{i}" for i in range(model.cfg.z_what_dim))]
-    frame = pd.DataFrame(rows, columns=columns)
+    # Types set, not inferred: an export without objects (an early model, a high threshold) wrote
+    # columns of no type, which then spoilt the types of a table it was concatenated with.
+    frame = pd.DataFrame(rows, columns=columns).astype(
+        {c: ("int64" if c in ("image", "object", "cell") else "str" if c == "file" else "float64") for c in columns})
     path = Path(path)
     try:
         import pyarrow  # noqa: F401
@@ -198,6 +227,7 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
                   f"({model.cfg.image_size} x {model.cfg.image_size}); pixel j spans [j, j+1)"
                   + ("; file_box is the same box in pixels of the image file as viewers show it "
                      "(EXIF orientation applied)" if sources else ""))
-    write_json(path.with_suffix(".json"), {"convention": convention, "threshold": threshold, "mode": mode,
+    write_json(path.with_suffix(".json"), {"convention": convention, **({"split": split} if split else {}),
+                                           "num_images": n, "threshold": threshold, "mode": mode,
                                            "images": per_image})
     return {"table": str(table), "json": str(path.with_suffix(".json")), "num_images": n, "num_objects": len(rows)}

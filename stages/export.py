@@ -13,7 +13,8 @@ def main(args):
     ensure_data(exp)  # the images the data stage recorded (a copy of the repository may lack them)
     dataset = build_dataset(exp, settings["split"])
     summary = export_detections(model, dataset, f"exports/{exp.name}", settings["batch_size"],
-                                settings["threshold"], settings["mode"], settings["num_images"])
+                                settings["threshold"], settings["mode"], settings["num_images"],
+                                split=settings["split"])
     print(summary)
 
 

@@ -118,6 +118,9 @@ def test_detect_takes_each_form_of_an_image_alike_and_refuses_values_it_would_mi
         "a channels-first (3, H, W) image goes in as a torch tensor": [chw.numpy()],
         "expected a (B, 3, H, W) or (3, H, W) image tensor, got shape (2, 1, 48, 40)": torch.rand(2, 1, 48, 40),
         "no images given": [],
+        "no images given (a tensor of shape (0, 3, 48, 40))": chw[None][:0],
+        "got the path 'photo.jpg': pass the image itself, e.g. PIL.Image.open(path)": "photo.jpg",
+        "image 0: got the path 'photo.jpg'": ["photo.jpg"],
     }
     for message, images in refused.items():
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -140,6 +143,55 @@ def test_export_writes_a_table_and_json_that_read_back(tmp_path):
     assert first.z_what_31 == pytest.approx(detections[0][0].z_what[31], abs=1e-5)
     assert len(document["images"]) == 5 and "pixels" in document["convention"]
     assert document["images"][0]["objects"][0]["presence"] == pytest.approx(first.presence)
+
+
+def test_detect_turns_a_photo_as_its_exif_orientation_says(tmp_path):
+    """As the datasets do: a phone photo stored on its side, with orientation 6, is seen and boxed
+    as viewers show it, like the same pixels saved turned."""
+    from PIL import Image, ImageOps
+    model = Space(CFG).eval()
+    rng = np.random.default_rng(1)
+    stored = Image.fromarray((rng.random((40, 80, 3)) * 255).astype(np.uint8))  # 80 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "photo.jpg") as photo:
+        turned = ImageOps.exif_transpose(photo)  # PIL's own, which also drops the orientation it applied
+        assert turned.size == (40, 80)
+        expected = model.detect(turned, threshold=0.0)
+        got = model.detect(photo, threshold=0.0)
+    assert [d.box for d in got[0]] == [d.box for d in expected[0]]
+    assert max(d.x_max for d in got[0]) < 60 < max(d.y_max for d in got[0])  # 40 wide, 80 high
+
+
+def test_an_export_without_objects_keeps_the_column_types_and_says_what_it_covers(tmp_path, caplog):
+    model = Space(CFG).eval()
+    images = BoxedImages(torch.rand(3, 3, 32, 32), [np.zeros((0, 4))] * 3)
+    full = export_detections(model, images, tmp_path / "all", threshold=0.0, progress=False, split="val")
+    assert full["num_objects"] == 3 * CFG.G ** 2  # threshold 0: every cell
+    with caplog.at_level("WARNING", logger="space.objects"):
+        empty = export_detections(model, images, tmp_path / "none", threshold=0.999999, num_images=5,
+                                  progress=False, split="val")
+    assert empty["num_objects"] == 0 and empty["num_images"] == 3
+    assert "num_images = 5, but the val split has 3 images" in caplog.text
+    types = pd.read_parquet(tmp_path / "all.parquet").dtypes
+    assert (pd.read_parquet(tmp_path / "none.parquet").dtypes == types).all()
+    assert types["image"] == "int64" and types["x_min"] == "float64"
+    document = json.loads((tmp_path / "none.json").read_text())
+    assert (document["split"], document["num_images"], len(document["images"])) == ("val", 3, 3)
+    with pytest.raises(ValueError, match="num_images: a number of images >= 1 or None"):
+        export_detections(model, images, tmp_path / "x", num_images=-2, progress=False)
+
+
+def test_detect_refuses_a_bad_threshold_and_a_model_that_computes_nan():
+    model = Space(CFG).eval()
+    for threshold in (None, 1.0, -0.1, True):
+        with pytest.raises(ValueError, match=r"threshold: a presence probability in \[0, 1\)"):
+            model.detect(torch.rand(1, 3, 32, 32), threshold=threshold)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the model computes NaN or infinite latents for image\(s\) \[0, 1\]"):
+        model.detect(torch.rand(2, 3, 32, 32))
 
 
 def test_detect_on_pil_images_warns_of_nothing():

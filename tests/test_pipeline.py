@@ -435,7 +435,7 @@ def test_a_stage_stopped_with_ctrl_c_exits_130_with_one_line(tmp_path):
     ("evaluate", "mode", "foo", "invalid value for 'evaluate.mode': 'foo'; allowed: 'deterministic' or 'sample'"),
     ("evaluate", "split", "tset", "invalid value for 'evaluate.split': 'tset'; allowed: 'train' or 'val' or 'test'"),
     ("evaluate", "batch_size", 0, "invalid value for 'evaluate.batch_size': 0; allowed: an integer >= 1"),
-    ("export", "threshold", 1.5, "invalid value for 'export.threshold': 1.5; allowed: a presence probability between 0 and 1"),
+    ("export", "threshold", 1.5, "invalid value for 'export.threshold': 1.5; allowed: a presence probability in [0, 1)"),
     ("export", "num_images", True, "invalid value for 'export.num_images': True"),
     ("demo", "indices", [], "invalid value for 'demo.indices': []; allowed: a non-empty list of image indices"),
     ("demo", "indices", [0, -1], "invalid value for 'demo.indices': [0, -1]"),

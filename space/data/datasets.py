@@ -109,11 +109,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         ValueError: If the file is not a readable image (corrupt, truncated), or holds values
             :func:`to_rgb` refuses.
     """
-    image = _decoded(path)[0]
+    return to_rgb(turned_as_shown(_decoded(path)[0]), f"Image {path}")
+
+
+def turned_as_shown(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says, as viewers show it (see :func:`_orientation`)."""
     turn = _TRANSPOSE.get(_orientation(image))
-    if turn is not None:
-        image = image.transpose(turn)  # as viewers show it (see _orientation)
-    return to_rgb(image, f"Image {path}")
+    return image if turn is None else image.transpose(turn)
 
 
 #: How to turn stored pixels for display, by EXIF orientation (the table of ``PIL.ImageOps.exif_transpose``).
