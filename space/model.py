@@ -90,6 +90,9 @@ class Space(nn.Module):
         size = self.cfg.image_size
         if x.dim() != 4 or x.shape[1:] != (3, size, size):
             raise ValueError(f"expected images of shape (B, 3, {size}, {size}), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # (the range is not checked here: it would cost a GPU sync each step)
+            raise ValueError(f"expected float images in [0, 1], got {x.dtype}: divide by 255 (or 65535), or pass "
+                             f"them to model.detect, which takes uint8 and uint16 images of any size")
         deterministic = mode == "deterministic"
         # 1. Background first, then foreground: the original's RNG order (SPEC 13.3).
         bg = self.bg_module(x, deterministic)

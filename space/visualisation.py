@@ -202,8 +202,8 @@ def predicted_boxes_px(out: SpaceOutput, threshold: float = PRES_THRESHOLD) -> l
 
 
 def draw_boxes(images: torch.Tensor, boxes_px: Sequence[torch.Tensor],
-               colour: Sequence[float] = GREEN) -> torch.Tensor:
-    """Crisp 1-pixel rectangles on images (our demo's boxes; see the module docstring).
+               colour: Sequence[float] = GREEN, width: int = 1) -> torch.Tensor:
+    """Crisp rectangles, ``width`` pixels thick, on images (our demo's boxes; see the module docstring).
 
     A box with continuous pixel edges [x_min, x_max) x [y_min, y_max) covers the pixels
     round(x_min) .. round(x_max) - 1 (and likewise in y); its outline is drawn on the first and
@@ -215,6 +215,8 @@ def draw_boxes(images: torch.Tensor, boxes_px: Sequence[torch.Tensor],
         boxes_px: one (M_b, 4) tensor (x_min, y_min, x_max, y_max) per image, e.g. from
             :func:`predicted_boxes_px`.
         colour: RGB in [0, 1].
+        width: outline thickness in pixels, drawn inwards from the box's first and last rows and
+            columns.
     Returns:
         (B, 3, H, W) copy of ``images`` with the outlines drawn.
     """
@@ -230,11 +232,11 @@ def draw_boxes(images: torch.Tensor, boxes_px: Sequence[torch.Tensor],
             if x1 < x0 or y1 < y0 or x1 < 0 or y1 < 0 or x0 >= w or y0 >= h:
                 continue  # empty or fully outside
             cx0, cx1, cy0, cy1 = max(x0, 0), min(x1, w - 1), max(y0, 0), min(y1, h - 1)
-            for y in (y0, y1):  # horizontal edges, when inside the image
-                if 0 <= y < h:
+            for y in {*range(y0, min(y0 + width, y1 + 1)), *range(max(y1 - width + 1, y0), y1 + 1)}:
+                if 0 <= y < h:  # horizontal edges, when inside the image
                     out[i, :, y, cx0:cx1 + 1] = value
-            for x in (x0, x1):  # vertical edges
-                if 0 <= x < w:
+            for x in {*range(x0, min(x0 + width, x1 + 1)), *range(max(x1 - width + 1, x0), x1 + 1)}:
+                if 0 <= x < w:  # vertical edges
                     out[i, :, cy0:cy1 + 1, x] = value
     return out
 
@@ -343,7 +345,8 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def demo_figure(out: SpaceOutput, path: str | os.PathLike, title: str | None = None,
-                max_images: int = 8, threshold: float = PRES_THRESHOLD) -> Path:
+                max_images: int = 8, threshold: float = PRES_THRESHOLD, labels: Sequence[str] | None = None
+                ) -> Path:
     """A labelled PNG of the decomposition, one row per image.
 
     Columns: Image, Reconstruction, Foreground, Background, Boxes on image (crisp boxes of the
@@ -356,13 +359,16 @@ def demo_figure(out: SpaceOutput, path: str | os.PathLike, title: str | None = N
         title: optional figure title.
         max_images: at most this many rows.
         threshold: z_pres_prob above which a cell counts as an object.
+        labels: each row's label (e.g. its image's index in the dataset); default ``#0``, ``#1``, ...
     Returns:
         the path written.
     """
     n = max(1, min(max_images, out.imgs.size(0)))
     k = out.comps.size(1)
     boxes = predicted_boxes_px(out, threshold)[:n]
-    boxed = draw_boxes(out.imgs[:n], boxes)  # (n, 3, H, W)
+    # A panel is 1.5 inches, 150 pixels: past 128 pixels the image is shrunk, and 1-pixel outlines
+    # fell between the pixels shown.
+    boxed = draw_boxes(out.imgs[:n], boxes, width=max(1, math.ceil(out.imgs.size(-1) / 128)))  # (n, 3, H, W)
     columns: list[tuple[str, Callable[[int], torch.Tensor]]] = [
         ("Image", lambda i: out.imgs[i]),
         ("Reconstruction", lambda i: out.y[i]),
@@ -389,7 +395,7 @@ def demo_figure(out: SpaceOutput, path: str | os.PathLike, title: str | None = N
             if label == "Boxes on image":
                 count = len(boxes[i])
                 ax.set_xlabel(f"{count} object{'s' if count != 1 else ''}", fontsize=7, labelpad=1)
-        axes[i, 0].set_ylabel(f"#{i}", fontsize=7)
+        axes[i, 0].set_ylabel(labels[i] if labels is not None else f"#{i}", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save_figure(fig, path)
@@ -411,7 +417,10 @@ def _read_log(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
     if isinstance(source, pd.DataFrame):
         return source
     path = Path(source)
-    return pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t")
+    try:
+        return pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; the train stage writes it (run it again)") from None
 
 
 def training_curves(source: str | os.PathLike | pd.DataFrame, path: str | os.PathLike,

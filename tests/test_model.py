@@ -87,6 +87,8 @@ def test_modes():
         model(x, final_priors(cfg), "mean")
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 64, 64\), got \(2, 3, 32, 32\)"):
         model(torch.rand(2, 3, 32, 32), final_priors(cfg))
+    with pytest.raises(ValueError, match=r"expected float images in \[0, 1\], got torch.uint8: divide by 255"):
+        model((x * 255).to(torch.uint8), final_priors(cfg))
 
 
 def test_forward_writes_the_annealed_buffers_like_the_original():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -147,6 +148,28 @@ def test_draw_boxes_crisp_rectangle():
     assert torch.equal(drawn[0, 0] > 0, expected)
     assert drawn[0, 1:].eq(0).all()
     assert drawn[1].eq(0).all()
+
+
+def test_draw_boxes_of_a_given_width_draw_inwards():
+    drawn = vis.draw_boxes(torch.zeros(1, 3, 64, 64), [torch.tensor([[24.0, 24.0, 40.0, 40.0]])], width=2)
+    expected = torch.zeros(64, 64, dtype=torch.bool)
+    expected[24:26, 24:40] = expected[38:40, 24:40] = expected[24:40, 24:26] = expected[24:40, 38:40] = True
+    assert torch.equal(drawn[0, 1] > 0, expected)
+
+
+def test_demo_figure_labels_each_row_as_asked(out, tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(vis, "_save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    vis.demo_figure(out, tmp_path / "demo.png", labels=["#15", "#3", "#0"])
+    vis.demo_figure(out, tmp_path / "demo.png")
+    rows = [[ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()] for fig in figures]
+    assert rows == [["#15", "#3", "#0"], ["#0", "#1", "#2"]]
+
+
+def test_training_curves_of_an_empty_file_name_it(tmp_path):
+    (tmp_path / "rooms.csv").write_text("")
+    with pytest.raises(ValueError, match=r"rooms.csv is empty; the train stage writes it"):
+        vis.training_curves(tmp_path / "rooms.csv", tmp_path / "curves.png")
 
 
 def test_draw_boxes_clips_to_image():
