@@ -362,7 +362,10 @@ def build_dataset(exp: Experiment, split: str) -> Dataset:
         with_boxes = split != "train" or (Path(d.root) / "train" / "bb").is_dir()
         return datasets.Obj3dDataset(d.root, split, image_size=size, with_boxes=with_boxes)
     if d.source in ("ale", "ATARI"):
-        return datasets.AtariDataset(d.root, split, games=list(d.games) if d.games else None, image_size=size,
+        # Generated frames: the games generated, not every game folder there (a run of other games may
+        # have left some).
+        games = d.games or (datasets.ATARI_GAMES if d.source == "ale" else None)
+        return datasets.AtariDataset(d.root, split, games=list(games) if games else None, image_size=size,
                                      bgr=d.bgr if d.source == "ATARI" else False)
     return datasets.FolderDataset(d.root, split, image_size=size, seed=d.seed, split_fractions=d.split_fractions)
 
@@ -370,7 +373,8 @@ def build_dataset(exp: Experiment, split: str) -> Dataset:
 def _generated_here(root: Path) -> bool:
     """Whether ``root`` is absent, empty or what a generation left before writing its marker:
     rooms publish their whole folder (with a meta.json naming the generator) and then the marker;
-    Atari frames publish one <game>-v0 folder per game."""
+    Atari frames publish one <game>-v0 folder per game, each marked as generated (the ATARI
+    archive's folders, of the same names, are not)."""
     if not root.is_dir():
         return True
     entries = [entry for entry in root.iterdir() if ".tmp-" not in entry.name]  # a game's folder being made
@@ -380,7 +384,8 @@ def _generated_here(root: Path) -> bool:
             return str(json.loads(meta.read_text()).get("generator", "")).startswith("space.data.")
         except (ValueError, AttributeError):
             return False
-    return all(entry.is_dir() and entry.name.endswith("-v0") for entry in entries)
+    from .data.ale import GAME_MARKER  # each game folder generate_atari made (the archive's have none)
+    return all((entry / GAME_MARKER).is_file() for entry in entries)
 
 
 def prepare_data(exp: Experiment, progress: bool = True) -> Path:
@@ -408,6 +413,9 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
                                     seed=d.seed, progress=progress)
     elif d.source == "ale":
         if fresh:
+            # Games are published one at a time, in place: an interrupted run must not leave the old
+            # marker over a mix of old and new frames.
+            marker.unlink(missing_ok=True)
             datasets.generate_atari(root, games=d.games or datasets.ATARI_GAMES, num_train=d.num_train,
                                     num_val=d.num_val, num_test=d.num_test, seed=d.seed, bgr=d.bgr,
                                     progress=progress)

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import ORIGINAL_NAMES, ROOT, synthesise_original
 from space.config import ORIGINAL_CONFIGS, ModelConfig, TrainConfig
-from space.experiment import active_experiments, load_experiment
+from space.experiment import active_experiments, build_dataset, load_experiment
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -589,3 +589,39 @@ def test_stages_make_generated_data_again_where_a_copy_of_the_repository_lacks_i
     assert result.returncode == 1
     assert ("image folder data/mine (exp.rooms.data.root) does not exist here, though data/manifests/rooms.json "
             "does: a run of `dvc exp run --queue` or `--temp` works in a copy") in result.stderr
+
+
+def test_generated_atari_frames_never_replace_the_archives_and_read_only_their_games(tmp_path, monkeypatch):
+    """The ATARI archive's folders have the names generated games have: switching an experiment
+    to `source: ale` at its root must not overwrite them. A run of other games reads only those,
+    and a regeneration that stops part-way leaves no marker over a mix of old and new frames."""
+    pytest.importorskip("ale_py")
+    import space.data as datasets
+    from space.experiment import GENERATED_MARKER, prepare_data
+
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    entry = params["exp"]["atari_spaceinvaders"]
+    (tmp_path / "data" / "ATARI" / "SpaceInvaders-v0" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "ATARI" / "SpaceInvaders-v0" / "train" / "0.png").write_bytes(b"the archive's")
+    entry["data"] = {"source": "ale", "root": "data/ATARI", "games": ["SpaceInvaders"], "num_train": 1,
+                     "num_val": 1, "num_test": 1}
+    with pytest.raises(FileExistsError, match=r"data/ATARI \(exp.atari_spaceinvaders.data.root\) holds files that "
+                                              r"were not generated here"):
+        prepare_data(load_experiment(params, "atari_spaceinvaders"), progress=False)
+    assert (tmp_path / "data" / "ATARI" / "SpaceInvaders-v0" / "train" / "0.png").read_bytes() == b"the archive's"
+    entry["data"].update(root="data/ale", games=["Pong"])
+    prepare_data(load_experiment(params, "atari_spaceinvaders"), progress=False)
+    entry["data"]["games"] = ["Breakout"]
+    prepare_data(load_experiment(params, "atari_spaceinvaders"), progress=False)
+    dataset = build_dataset(load_experiment(params, "atari_spaceinvaders"), "train")
+    assert len(dataset) == 1 and "Breakout-v0" in str(dataset.files()[0])  # not Pong's frame besides
+    monkeypatch.setattr(datasets, "generate_atari", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    entry["data"]["seed"] = 5
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(load_experiment(params, "atari_spaceinvaders"), progress=False)
+    assert not (tmp_path / "data" / "ale" / GENERATED_MARKER).exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    prepare_data(load_experiment(params, "atari_spaceinvaders"), progress=False)  # its own folders: made again
+    assert (tmp_path / "data" / "ale" / GENERATED_MARKER).is_file()

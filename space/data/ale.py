@@ -54,6 +54,7 @@ DEFAULT_WARMUP = 60
 MAX_STATIC_SAMPLES = 50
 #: Default frames per split and game.
 DEFAULT_COUNTS = (1000, 100, 100)
+GAME_MARKER = ".generated-by-space"  # in each game folder generate_atari makes (the ATARI archive's have none)
 #: Offset that keeps the agent's random stream apart from the emulator's seed.
 _POLICY_STREAM = 1
 
@@ -197,6 +198,7 @@ def generate_atari(
                 for i, frame in enumerate(frames):
                     Image.fromarray(frame[:, :, ::-1] if bgr else frame).save(split_dir / f"{i}.png")
                     bar.update()
+            (stage / GAME_MARKER).write_text("space.data.ale.generate_atari\n")
             publish_directory(stage, out_root / f"{game}-v0")
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
