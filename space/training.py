@@ -460,6 +460,11 @@ class Trainer:
         if len(train_set) < env.world_size:
             raise ValueError(f"the training split has {len(train_set)} images, fewer than the {env.world_size} "
                              f"processes: every process needs at least one")
+        left = len(train_set) % (train_cfg.batch_size * env.world_size)
+        if 0 < left < env.world_size and env.is_main:
+            log.warning("the last global batch of each epoch has %d image(s), fewer than the %d processes: it is "
+                        "left out (%d of %d training images an epoch), so this run differs from one process's at "
+                        "that global batch", left, env.world_size, left, len(train_set))
         self.progress = progress and env.is_main
         seed_everything(train_cfg.seed)  # the same initial weights on every rank
         model = Space(model_cfg)

@@ -107,6 +107,11 @@ def main(args):
     if on_cpu and exp.train.flush_denormal:
         flush_denormals()  # before torch's worker threads start, which inherit it (space/allocator.py)
     if exp.train.nproc_per_node > 1 and not under_torchrun():
+        ensure_data(exp)
+        images = len(build_dataset(exp, "train"))
+        if images < exp.train.nproc_per_node:  # said once here, not by every process under torchrun
+            raise ValueError(f"the training split has {images} images, fewer than the {exp.train.nproc_per_node} "
+                             f"processes of train.nproc_per_node: every process needs at least one")
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return
     ensure_data(exp)  # the images the data stage recorded (a copy of the repository may lack them)

@@ -224,6 +224,16 @@ def test_train_stage_relaunches_itself_through_torchrun(tmp_path):
     runs = list((tmp_path / "checkpoints" / "tiny").iterdir())
     assert len(runs) == 1 and (runs[0] / f"best_{base['train']['best_metric']}.pth").is_file()
     assert [p.name for p in find_checkpoints(runs[0])] == ["model_000000002.pth", "model_000000003.pth"]
+    # 5 images in global batches of 4: the last, of 1 image, cannot be split between 2 processes
+    assert "the last global batch of each epoch has 1 image(s), fewer than the 2 processes: it is left out" in \
+        result.stderr
+    params["exp"]["tiny"]["train"]["nproc_per_node"] = 6
+    path.write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, "-m", "stages.train", "tiny", "--params", str(path)],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "torch.distributed.run" not in result.stderr
+    assert result.stderr == ("error: [tiny] the training split has 5 images, fewer than the 6 processes of "
+                             "train.nproc_per_node: every process needs at least one\n")
 
 
 def test_run_id_takes_later_model_keys_only_at_other_values():
