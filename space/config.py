@@ -93,8 +93,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         s = self.image_size
-        if s < 16 or s % 16 or s & (s - 1):
-            _bad("model.image_size", s, "a power of two that is a multiple of 16 (16, 32, 64, 128, 256, ...)")
+        if s < 8 * min(ALLOWED_G) or s % 16 or s & (s - 1):  # the smallest grid's cells are 8 pixels or more
+            _bad("model.image_size", s, f"a power of two from {8 * min(ALLOWED_G)} on (32, 64, 128, 256, ...)")
         if self.G not in ALLOWED_G:
             _bad("model.G", self.G, f"one of {ALLOWED_G}")
         factor = s // self.G

@@ -92,6 +92,8 @@ class DataConfig:
         if self.games is not None and (isinstance(self.games, str) or not isinstance(self.games, (list, tuple))
                                        or not self.games or not all(isinstance(g, str) for g in self.games)):
             _bad("data.games", self.games, "null or a non-empty list of game names")
+        if self.games is not None and len({g.removesuffix("-v0") for g in self.games}) < len(self.games):
+            _bad("data.games", self.games, "a list that names each game once")
         fractions = self.split_fractions
         if not isinstance(fractions, (list, tuple)) or len(fractions) != 3 or not all(map(is_number, fractions)) \
                 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:

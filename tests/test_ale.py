@@ -59,7 +59,7 @@ def test_two_games_layout_determinism_and_loading(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_interrupted_game_leaves_previous_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_game_leaves_previous_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     pytest.importorskip("ale_py")
     root = generate_atari(tmp_path / "ATARI", games=["Pong"], **SMALL)
     before = frames(root)
@@ -73,6 +73,11 @@ def test_interrupted_game_leaves_previous_folder(tmp_path: Path, monkeypatch: py
         generate_atari(root, games=["Pong"], seed=5, **SMALL)
     assert {k: v.tobytes() for k, v in frames(root).items()} == {k: v.tobytes() for k, v in before.items()}
     assert sorted(p.name for p in root.iterdir()) == ["Pong-v0"]
+    (root / ".Pong-v0.tmp-k1ll3d").mkdir()  # what SIGKILL leaves, where no handler runs
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="space.data.ale"):
+        generate_atari(root, games=["Pong"], **SMALL)
+    assert ".Pong-v0.tmp-k1ll3d: left by a generation that was stopped" in caplog.text
 
 
 def test_invalid_arguments(tmp_path: Path) -> None:

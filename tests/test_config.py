@@ -6,7 +6,8 @@ from space.experiment import load_experiment
 
 @pytest.mark.parametrize("key, value, words", [
     ("G", 5, "one of (4, 8, 16)"),
-    ("image_size", 100, "multiple of 16"),
+    ("image_size", 100, "a power of two from 32 on"),
+    ("image_size", 16, "a power of two from 32 on"),  # no grid fitted it: "G in []"
     ("K", 0, ">= 1"),
     ("fg_sigma", -0.1, "> 0"),
     ("bg_sigma", 0.0, "> 0"),
@@ -79,6 +80,8 @@ def test_params_read_exponent_floats_as_yaml_1_2_does(tmp_path):
     ("num_val", 0, "invalid value for 'data.num_val': 0; allowed: an integer >= 1 (the data stage generates every split)"),
     ("shadows", "no", "invalid value for 'data.shadows': 'no'; allowed: true or false"),
     ("games", "SpaceInvaders", "invalid value for 'data.games': 'SpaceInvaders'; allowed: null or a non-empty list"),
+    ("games", ["Pong", "Pong-v0"], "invalid value for 'data.games': ['Pong', 'Pong-v0']; allowed: a list that names "
+                                   "each game once"),
     ("split_fractions", [0.5, 0.5], "invalid value for 'data.split_fractions': [0.5, 0.5]; allowed: three shares"),
     ("min_size", "0.1", "invalid value for 'data.min_size': '0.1'; allowed: a number"),
     ("root", None, "invalid value for 'data.root': None; allowed: a path"),

@@ -27,6 +27,7 @@ into place when complete.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from space.data.download import ATARI_GAMES, ATARI_SPLIT_DIRS, publish_directory
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ATARI_GAMES", "generate_atari", "rom_name"]
 
@@ -184,6 +187,10 @@ def generate_atari(
     counts = dict(zip(ATARI_SPLIT_DIRS, (num_train, num_val, num_test)))
     bar = tqdm(total=len(names) * sum(counts.values()), desc=f"atari -> {out_root.name}", unit="frame",
                disable=not progress)
+    left = sorted(out_root.glob(".*-v0.tmp-*"))
+    if left:  # a generation stopped by SIGTERM or SIGKILL cannot clean up; another may be running now
+        log.warning("%s: left by a generation that was stopped; unless one is running now, delete them",
+                    ", ".join(map(str, left)))
     for game in names:
         stage = Path(tempfile.mkdtemp(prefix=f".{game}-v0.tmp-", dir=out_root))
         try:
