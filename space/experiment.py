@@ -18,6 +18,7 @@ Layout of params.yaml::
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 
 from .io import write_json
 from .config import GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number, load_params
+from .data.ale import GAME_MARKER
 from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
 SOURCES = ("rooms", "ale", "OBJ3D_SMALL", "OBJ3D_LARGE", "ATARI", "folder")
@@ -300,9 +302,14 @@ def ensure_data(exp: Experiment) -> None:
             f"image folder {root} (exp.{exp.name}.data.root) does not exist here, though {manifest} does: a "
             f"run of `dvc exp run --queue` or `--temp` works in a copy of the repository holding only what git "
             f"tracks; give data.root as an absolute path, or run `dvc exp run` without --queue/--temp")
-    log.warning("%s is missing though %s is there (a copy of the repository, as `dvc exp run --queue` makes): "
-                "making the data again", root, manifest)
-    prepare_data(exp)
+    # Under torchrun every process comes here: one makes the data while the others wait for it.
+    with open(manifest.with_name(f".{manifest.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if root.is_dir():
+            return  # made by another process meanwhile
+        log.warning("%s is missing though %s is there (a copy of the repository, as `dvc exp run --queue` makes): "
+                    "making the data again", root, manifest)
+        prepare_data(exp)
     recorded = json.loads(manifest.read_text()).get("content")
     if data_fingerprint(exp) != recorded:
         raise ValueError(f"the data made again in {root} differ from those that {manifest} records; run "
@@ -386,7 +393,6 @@ def _generated_here(root: Path) -> bool:
             return str(json.loads(meta.read_text()).get("generator", "")).startswith("space.data.")
         except (ValueError, AttributeError):
             return False
-    from .data.ale import GAME_MARKER  # each game folder generate_atari made (the archive's have none)
     return all((entry / GAME_MARKER).is_file() for entry in entries)
 
 
@@ -417,6 +423,9 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
         if fresh:
             # Games are published one at a time, in place: an interrupted run must not leave the old
             # marker over a mix of old and new frames.
+            if marker.is_file():  # its game folders were made here, some maybe before they were marked so
+                for game in root.glob("*-v0"):
+                    (game / GAME_MARKER).touch()
             marker.unlink(missing_ok=True)
             datasets.generate_atari(root, games=d.games or datasets.ATARI_GAMES, num_train=d.num_train,
                                     num_val=d.num_val, num_test=d.num_test, seed=d.seed, bgr=d.bgr,

@@ -35,9 +35,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def set_default_mode(path: str | Path) -> None:
     """Give ``path`` the permissions a plainly created file or folder gets under the process's
     umask (``tempfile`` makes its files and folders readable by their owner alone)."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read where Linux shows it; else set and put back (a moment in which a
+    file another thread creates would get mode 0o666)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:

@@ -7,6 +7,7 @@ x_max 6). Boxes are not clipped to the image (SPACE's boxes may overhang its bor
 from __future__ import annotations
 
 import logging
+import operator
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,9 +136,14 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
     Returns:
         per image, a list of :class:`Detection`, most confident first.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+    try:  # numbers of any kind (numpy's, a 0-d tensor), but not True/False
+        value = None if isinstance(threshold, bool) else float(threshold)
+    except (TypeError, ValueError, RuntimeError):
+        value = None
+    if value is None or not 0 <= value < 1:
         raise ValueError(f"threshold: a presence probability in [0, 1) above which a cell is an object, got "
                          f"{threshold!r}")
+    threshold = value
     device = next(model.parameters()).device
     x, shapes = _as_batch(images, model.cfg.image_size)
     was_training = model.training
@@ -183,8 +189,14 @@ def export_detections(model: Space, dataset: Dataset, path: str | Path, batch_si
     """
     import pandas as pd
 
-    if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1):
-        raise ValueError(f"num_images: a number of images >= 1 or None (all), got {num_images!r}")
+    if num_images is not None:
+        try:  # integers of any kind (numpy's included), but not True/False
+            count = None if isinstance(num_images, bool) else operator.index(num_images)
+        except TypeError:
+            count = None
+        if count is None or count < 1:
+            raise ValueError(f"num_images: a number of images >= 1 or None (all), got {num_images!r}")
+        num_images = count
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
     if num_images is not None and num_images > n:
         log.warning("num_images = %d, but the %s has %d images: exporting those", num_images,

@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import random
+import re
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -419,8 +420,9 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def find_checkpoints(run_dir: Path) -> list[Path]:
-    """Periodic checkpoints of a run, oldest first."""
-    return sorted(run_dir.glob(CHECKPOINT_GLOB))
+    """Periodic checkpoints of a run, oldest first (``model_<digits>.pth``: not a ``model_final.pth``
+    put there by hand, which would sort last and outlive the pruning)."""
+    return sorted(path for path in run_dir.glob(CHECKPOINT_GLOB) if re.fullmatch(r"model_\d+\.pth", path.name))
 
 
 @dataclass
@@ -549,11 +551,12 @@ class Trainer:
         self.losses.extend(resume["losses"])
         best_json = self.best_path.with_suffix(".json")  # the file on disk is authoritative
         self.best = json.loads(best_json.read_text()) if env.is_main and best_json.is_file() else None
-        if self.best is not None and self.best["global_step"] > ckpt["global_step"]:
-            # Past the step resumed from (max_steps lowered): this run's best up to here is not kept.
-            log.warning("the best checkpoint by validation %s is of step %d, past the step resumed from (%d); "
-                        "it is set aside as %s", self.cfg.best_metric, self.best["global_step"],
-                        ckpt["global_step"], self._set_best_aside().name)
+        if self.best is not None and self.best["global_step"] > self.cfg.max_steps:
+            # Past max_steps (lowered): this run's best up to it is not kept. (A best past the step
+            # resumed from but within max_steps is of this very trajectory, and stays.)
+            log.warning("the best checkpoint by validation %s is of step %d, past train.max_steps = %d; it is set "
+                        "aside as %s", self.cfg.best_metric, self.best["global_step"], self.cfg.max_steps,
+                        self._set_best_aside().name)
         self._restore_rng(resume, ckpt["global_step"])
         self.resumed_from = path
         self.last_saved = ckpt["global_step"]
@@ -586,7 +589,10 @@ class Trainer:
             if env.distributed:
                 resume.update(world_size=env.world_size, rng_ranks=states)
             save_checkpoint(path, self.model, self.optimizers, step, position.epoch, self.cfg, {"resume": resume})
-            for old in find_checkpoints(self.run_dir)[:-self.cfg.max_ckpt]:  # prune after the new one exists
+            # Prune after the new one exists; checkpoints past this step (left by a run with a higher
+            # max_steps) are not this run's newest and are left alone.
+            ours = [old for old in find_checkpoints(self.run_dir) if _checkpoint_step(old) <= step]
+            for old in ours[:-self.cfg.max_ckpt]:
                 old.unlink(missing_ok=True)
         self.last_saved = step
         return path

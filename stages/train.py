@@ -137,10 +137,12 @@ def main(args):
                 log.warning("train.output is 'best' but no validation ran (eval_on false or no val split): "
                             "writing the last step")
             elif exp.train.output == "best":
-                log.warning("train.output is 'best' but this run holds no best checkpoint by validation %s (%s): "
-                            "one is kept for the train.best_metric in force when the validations ran, after step 0; "
+                aside = sorted(trainer.best_path.parent.glob(f"{trainer.best_path.stem}_step*.pth"))
+                why = (f"the best was past train.max_steps and set aside as {aside[-1].name}" if aside else
+                       "one is kept for the train.best_metric in force when the validations ran, after step 0")
+                log.warning("train.output is 'best' but this run holds no best checkpoint by validation %s (%s): %s; "
                             "writing the last step (the validation scores are in %s)", exp.train.best_metric,
-                            trainer.best_path, curves)
+                            trainer.best_path, why, curves)
             space.save_checkpoint(out, model.cpu(), None, step=step, epoch=epoch, train_cfg=exp.train)
     finally:
         shutdown_distributed()

@@ -167,8 +167,12 @@ def test_obj3d_images_with_a_gap_in_their_indices_are_refused_where_boxes_are_re
                                          r"index order takes box file bb_i.txt"):
         Obj3dDataset(obj3d, "val")
     assert len(Obj3dDataset(obj3d, "val", with_boxes=False)) == 11
-    (obj3d / "test" / "0-obj.png").rename(obj3d / "test" / "2-obj.png")  # numbered 1..n
-    with pytest.raises(ValueError, match=r"test has no image of index 0 \(1 of indices 0-2 missing\)"):
+    # Indices that do not start at 0 pair by position, as the original's do; only gaps are refused.
+    for i in (1, 0):
+        (obj3d / "test" / f"{i}-obj.png").rename(obj3d / "test" / f"{100 + i}-obj.png")
+    assert len(Obj3dDataset(obj3d, "test")) == 2
+    (obj3d / "test" / "101-obj.png").rename(obj3d / "test" / "102-obj.png")
+    with pytest.raises(ValueError, match=r"test has no image of index 101 \(1 of indices 100-102 missing\)"):
         Obj3dDataset(obj3d, "test")
 
 

@@ -181,13 +181,17 @@ def test_an_export_without_objects_keeps_the_column_types_and_says_what_it_cover
     assert (document["split"], document["num_images"], len(document["images"])) == ("val", 3, 3)
     with pytest.raises(ValueError, match="num_images: a number of images >= 1 or None"):
         export_detections(model, images, tmp_path / "x", num_images=-2, progress=False)
+    assert export_detections(model, images, tmp_path / "x", num_images=np.int64(2), progress=False)["num_images"] == 2
 
 
 def test_detect_refuses_a_bad_threshold_and_a_model_that_computes_nan():
     model = Space(CFG).eval()
-    for threshold in (None, 1.0, -0.1, True):
+    for threshold in (None, 1.0, -0.1, True, "0.5"[:0]):
         with pytest.raises(ValueError, match=r"threshold: a presence probability in \[0, 1\)"):
             model.detect(torch.rand(1, 3, 32, 32), threshold=threshold)
+    x = torch.rand(1, 3, 32, 32)
+    for threshold in (np.float32(0.5), torch.tensor(0.5), np.float64(0.5)):  # numbers of other kinds
+        assert model.detect(x, threshold=threshold) == model.detect(x, threshold=0.5)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match=r"the model computes NaN or infinite latents for image\(s\) \[0, 1\]"):

@@ -317,3 +317,24 @@ def test_the_plot_csv_holds_every_field_dvc_yaml_plots_even_without_validation(t
             progress=False).fit()
     frame = pd.read_csv(tmp_path / "plot.csv")
     assert set(fields) <= set(frame.columns) and frame["val_ap_50"].isna().all() and frame["loss"].notna().all()
+
+
+def test_resume_keeps_a_best_within_max_steps_ignores_other_model_files_and_prunes_only_its_own(tmp_path):
+    """A best checkpoint newer than the checkpoint resumed from, but within max_steps, is of the
+    same trajectory and stays; a model_final.pth put in the folder by hand is no periodic
+    checkpoint; after a lowered max_steps, pruning leaves the checkpoints past it and keeps the
+    one just written."""
+    import shutil
+
+    cfg = lambda steps, **kw: TrainConfig(**{**TINY_TRAIN, "max_steps": steps, "best_metric": "ap_50", **kw})  # noqa: E731
+    run = tmp_path / "run"
+    Trainer(ModelConfig(**TINY_MODEL), cfg(7), RandomImages(), run, progress=False).fit()  # keeps steps 5, 6, 7
+    shutil.copy(run / "model_000000008.pth", run / "model_final.pth")
+    assert [p.name for p in find_checkpoints(run)] == [f"model_00000000{i}.pth" for i in (6, 7, 8)]
+    (run / "model_000000007.pth").unlink()  # resume from step 5, with a best of step 6
+    shutil.copy(run / "model_000000006.pth", run / "best_ap_50.pth")
+    (run / "best_ap_50.json").write_text('{"name": "ap_50", "value": 0.5, "global_step": 6}')
+    trainer = Trainer(ModelConfig(**TINY_MODEL), cfg(6, max_ckpt=1), RandomImages(), run, progress=False)
+    assert trainer.resumed_from.name == "model_000000006.pth" and trainer.best["global_step"] == 6
+    trainer.fit()  # trains step 6 and saves it; step 7's checkpoint is past max_steps and stays
+    assert [p.name for p in find_checkpoints(run)] == ["model_000000007.pth", "model_000000008.pth"]

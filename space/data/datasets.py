@@ -418,10 +418,11 @@ class Obj3dDataset(Dataset):
                     f"Box folder {self.box_dir} does not exist, but boxes are expected for split {split!r}. "
                     f"Pass with_boxes=False to load the images only, or regenerate the dataset."
                 )
-            gaps = sorted(set(range(max(indexed) + 1)) - set(indexed))
+            first, last = min(indexed), max(indexed)
+            gaps = sorted(set(range(first, last + 1)) - set(indexed))
             if gaps:  # the i-th image in index order takes bb_i.txt (SPEC 10.1): past a gap, another's boxes
                 raise ValueError(
-                    f"{split_dir} has no image of index {gaps[0]} ({len(gaps)} of indices 0-{max(indexed)} "
+                    f"{split_dir} has no image of index {gaps[0]} ({len(gaps)} of indices {first}-{last} "
                     f"missing): the i-th image in index order takes box file bb_i.txt, so the images past the "
                     f"gap would take the boxes of others. Restore the missing image(s), or number images and "
                     f"box files 0..n-1 together.")
