@@ -223,6 +223,8 @@ def test_atari_game_selection(atari: Path) -> None:
     available = r"available: \['Breakout-v0', 'Pong-v0'\]"
     with pytest.raises(FileNotFoundError, match=rf"SpaceInvaders-v0 does not exist .*{available}"):
         AtariDataset(atari, "train", games=["SpaceInvaders"])
+    with pytest.raises(FileNotFoundError, match=r"Game folders \S+Atlantis-v0, \S+Qbert-v0 do not exist"):
+        AtariDataset(atari, "train", games=["Atlantis", "Pong", "Qbert"])  # every missing one named
     with pytest.raises(TypeError):
         AtariDataset(atari, "train", games="Pong")
 

@@ -535,8 +535,8 @@ class AtariDataset(Dataset):
             missing = [g for g in folders if g not in available]
             if missing:
                 raise FileNotFoundError(
-                    f"Game folder(s) {', '.join(str(self.root / m) for m in missing)} do not exist (available: "
-                    f"{available}). "
+                    f"Game folder{'s' if len(missing) > 1 else ''} {', '.join(str(self.root / m) for m in missing)} "
+                    f"{'do' if len(missing) > 1 else 'does'} not exist (available: {available}). "
                     f"Known games: {', '.join(ATARI_GAMES)}; generate frames with space.data.ale.generate_atari."
                 )
         split_dir_name = ATARI_SPLIT_DIRS[split]
