@@ -50,6 +50,9 @@ def relaxed_bernoulli_logit_sample(logits: torch.Tensor, tau: float, determinist
     """
     if deterministic:
         return logits / tau
+    # In float32 whatever the logits' type: under bf16 autocast 1 - EPS_PROB rounds to 1, the clamp
+    # left p at 1 for confident cells, and log1p(-p) made the gradients NaN (every step skipped).
+    logits = logits.float()
     p = torch.sigmoid(logits).clamp(EPS_PROB, 1 - EPS_PROB)
     u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device).clamp(EPS_PROB, 1 - EPS_PROB)
     return (u.log() - (-u).log1p() + p.log() - (-p).log1p()) / tau

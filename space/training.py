@@ -354,12 +354,16 @@ _MODEL_KEYS_BEYOND_ORIGINAL = {"z_what_kl_warmup_steps": 0, "z_what_kl_warmup_st
                               "shift_range": 1.0}
 
 
+_DEFAULT_TRAIN = TrainConfig()
+
+
 def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None,
            world_size: int = 1) -> str:
     """A short hash of what defines a run's trajectory (not its length or logging intervals), so
     that a re-run with more steps resumes, and a change of seed or model starts afresh. The one
     exception: with ``train.lr_decay_start`` set the decay ends at ``max_steps``, so the length
-    shapes the trajectory and enters the id.
+    shapes the trajectory and enters the id. Validation's settings enter too (it draws from the
+    random generator that training goes on from).
 
     The batch is the global one (batch_size x world_size): 2 processes of 8 continue a run of 1
     process of 16. Keys beyond the original enter only at non-default values, so that the ids of
@@ -379,6 +383,15 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
         train["lr_decay"] = [train_cfg.lr_decay_start, train_cfg.lr_decay_factor, train_cfg.max_steps]
     if train_cfg.amp != "none":
         train["amp"] = train_cfg.amp
+    # Validation draws from torch's generator (its data loader's seed, and its samples in 'sample'
+    # mode), which training then goes on from: how often and how it runs shapes the trajectory.
+    validation = {"eval_on": train_cfg.eval_on}
+    if train_cfg.eval_on:
+        validation.update(eval_every=train_cfg.eval_every, val_mode=train_cfg.val_mode)
+        if train_cfg.val_mode == "sample":
+            validation["val_num_images"] = train_cfg.val_num_images
+    if validation != {key: getattr(_DEFAULT_TRAIN, key) for key in validation}:
+        train["validation"] = validation
     if world_size > 1 and not train_cfg.sync_batchnorm:
         train["sync_batchnorm"] = False
     identity = {"model": model, "train": train, "data": data or {}}

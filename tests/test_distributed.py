@@ -245,4 +245,10 @@ def test_run_id_takes_later_model_keys_only_at_other_values():
     assert warm != run_id(base, TrainConfig())
     assert run_id(ModelConfig(z_what_kl_warmup_steps=500, z_what_kl_warmup_start=0.5), TrainConfig()) != warm
     assert run_id(ModelConfig(boundary_width=None), TrainConfig()) == "d7cb935186"
+    # validation draws from the generator training goes on from: its settings shape the trajectory
+    ids = {run_id(base, TrainConfig(**kw)) for kw in ({}, {"eval_every": 250}, {"eval_on": False},
+                                                      {"val_mode": "sample"}, {"val_mode": "sample", "val_num_images": 8})}
+    assert len(ids) == 5
+    assert run_id(base, TrainConfig(val_num_images=8)) == "d7cb935186"  # deterministic: one draw whatever the size
+    assert run_id(base, TrainConfig(eval_on=False, eval_every=250)) == run_id(base, TrainConfig(eval_on=False))
     assert run_id(ModelConfig(boundary_width=6), TrainConfig()) not in ("d7cb935186", warm)

@@ -36,3 +36,14 @@ def test_relaxed_bernoulli_deterministic_is_logits_over_tau_and_samples_vary():
     many = relaxed_bernoulli_logit_sample(logits.expand(20000, 3), 2.5, False)
     below = (many < logits / 2.5).float().mean(0)
     assert torch.allclose(below, torch.full((3,), 0.5), atol=0.02)
+
+
+def test_relaxed_bernoulli_of_bf16_logits_has_finite_gradients():
+    """Under bf16 autocast the presence logits arrive in bf16, where 1 - EPS_PROB is 1: a confident
+    cell's p stayed at 1 and log1p(-p) made every gradient NaN, so train.amp: bf16 skipped every step."""
+    from space.distributions import relaxed_bernoulli_logit_sample
+
+    logits = torch.tensor([-12.0, 0.0, 12.0, 30.0], dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(0)
+    relaxed_bernoulli_logit_sample(logits, 0.5, deterministic=False).sum().backward()
+    assert torch.isfinite(logits.grad).all()
