@@ -211,8 +211,13 @@ class TrainConfig:
             _bad("train.lr_decay_start", self.lr_decay_start, "an integer >= 0 (0: no decay)")
         if not 0 < self.lr_decay_factor <= 1:
             _bad("train.lr_decay_factor", self.lr_decay_factor, "a number in (0, 1]")
-        if self.clip_norm < 0:
+        if not self.clip_norm >= 0:  # NaN too, which clipped every gradient to NaN
             _bad("train.clip_norm", self.clip_norm, "a number >= 0 (0 disables clipping)")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seeds
+            _bad("train.seed", self.seed, "an integer in [0, 2**32 - 1]")
+        if 0 < self.max_steps <= self.lr_decay_start:  # the decay would never start
+            _bad("train.lr_decay_start", self.lr_decay_start,
+                 f"0 (no decay) or a step before train.max_steps = {self.max_steps}")
         for key in ("batch_size", "max_ckpt", "print_every", "save_every", "eval_every", "max_epochs"):
             if getattr(self, key) < 1:
                 _bad(f"train.{key}", getattr(self, key), "an integer >= 1")

@@ -73,7 +73,10 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not one torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda", "mps"):  # not 'meta', which holds no values
+        raise ValueError(f"device {device!r} is not one to train or evaluate on: use 'auto', 'cpu', 'cuda' or "
+                         f"'cuda:N' (train.device, evaluate.device)")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available here (torch "

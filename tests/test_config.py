@@ -93,3 +93,16 @@ def test_data_values_name_key_value_and_allowed(key, value, message):
     with pytest.raises(ValueError) as error:
         DataConfig(**{"source": "rooms", "root": "data/x", key: value})
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"clip_norm": float("nan")}, "invalid value for 'train.clip_norm': nan; allowed: a number >= 0"),
+    ({"seed": -1}, "invalid value for 'train.seed': -1; allowed: an integer in [0, 2**32 - 1]"),
+    ({"seed": 2 ** 32}, "invalid value for 'train.seed': 4294967296"),
+    ({"max_steps": 4, "lr_decay_start": 10}, "invalid value for 'train.lr_decay_start': 10; allowed: 0 (no decay) or "
+                                             "a step before train.max_steps = 4"),
+])
+def test_train_values_that_would_fail_later_or_do_nothing_are_named(changes, message):
+    with pytest.raises(ValueError) as error:
+        TrainConfig(**changes)
+    assert message in str(error.value)

@@ -442,8 +442,10 @@ def test_a_device_that_is_not_there_is_refused_by_name(monkeypatch):
 
     from space.evaluation import resolve_device
 
-    with pytest.raises(ValueError, match=r"device 'tpu' is not one torch knows: use 'auto', 'cpu', 'cuda' or 'cuda:N'"):
-        resolve_device("tpu")
+    for device in ("tpu", "meta", "garbage"):  # meta is a torch device, holding no values
+        with pytest.raises(ValueError, match=rf"device '{device}' is not one to train or evaluate on: use 'auto', "
+                                             r"'cpu', 'cuda' or 'cuda:N' \(train.device, evaluate.device\)"):
+            resolve_device(device)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"device 'cuda' asked for, but CUDA is not available here .*use 'auto' or 'cpu'"):
         resolve_device("cuda")
