@@ -8,6 +8,7 @@ is refused.
 """
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 from pathlib import Path
@@ -160,8 +161,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizers: tuple[torch.
         "format": FORMAT,
         **(extra or {}),
     }
+    # Into memory, not to the temporary file's path: torch names the archive's folder after the
+    # path, a random name, so equal weights gave other bytes each time (and DVC re-ran the stages
+    # after training); and a full disk is then Python's OSError (ENOSPC) on the write below, where
+    # torch's own writer said "unexpected pos 51328 vs 51216".
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
     with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        # Into the open file, not its path: torch names the archive's folder after the path, a
-        # random temporary name, so equal weights gave other bytes each time (and DVC re-ran the
-        # stages after training); a full disk is also an OSError naming ENOSPC this way.
-        torch.save(ckpt, file)
+        file.write(buffer.getbuffer())
