@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, TrainConfig, from_dict, original_config, to_dict, ORIGINAL_CONFIGS
-from .io import atomic_path
+from .io import atomic_write
 
 FORMAT = "space-dvc/1"
 MAX_LISTED = 20  # keys listed per kind of misfit in a checkpoint error
@@ -167,5 +167,4 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizers: tuple[torch.
     # torch's own writer said "unexpected pos 51328 vs 51216".
     buffer = io.BytesIO()
     torch.save(ckpt, buffer)
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        file.write(buffer.getbuffer())
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))

@@ -59,8 +59,6 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
     (a phone photo) is turned as viewers show it, as the datasets turn their files; its boxes are
     in that turned image.
     """
-    if isinstance(images, (str, os.PathLike)):
-        raise ValueError(f"got the path {str(images)!r}: pass the image itself, e.g. PIL.Image.open(path)")
     if torch.is_tensor(images):
         if images.dim() not in (3, 4) or images.shape[-3] != 3:
             raise ValueError(f"expected a (B, 3, H, W) or (3, H, W) image tensor, got shape {tuple(images.shape)}")
@@ -73,8 +71,9 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
         if x.shape[-2:] != (size, size):
             x = _resize(x, size)
         return x, shapes
-    if hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-        images = [images]  # one image
+    if hasattr(images, "convert") or isinstance(images, (str, os.PathLike)) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+        images = [images]  # one image (or a path, refused below)
     tensors, shapes = [], []
     for k, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):

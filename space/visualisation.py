@@ -344,8 +344,12 @@ def _hwc(image: torch.Tensor) -> np.ndarray:
     return array[0].numpy() if array.size(0) == 1 else array.permute(1, 2, 0).numpy()
 
 
+DEMO_MAX_ROWS = 8  # images in a demo figure
+
+
 def demo_figure(out: SpaceOutput, path: str | os.PathLike, title: str | None = None,
-                max_images: int = 8, threshold: float = PRES_THRESHOLD, labels: Sequence[str] | None = None
+                max_images: int = DEMO_MAX_ROWS, threshold: float = PRES_THRESHOLD,
+                labels: Sequence[str] | None = None
                 ) -> Path:
     """A labelled PNG of the decomposition, one row per image.
 

@@ -6,9 +6,7 @@ import space
 from space.cli import stage_main
 from space.config import load_params
 from space.experiment import build_dataset, ensure_data, load_experiment, stage_settings
-from space.visualisation import demo_figure, training_curves
-
-MAX_ROWS = 8  # images in the figure
+from space.visualisation import DEMO_MAX_ROWS, demo_figure, training_curves
 
 
 def main(args):
@@ -24,14 +22,14 @@ def main(args):
                          f"images (indices 0-{len(dataset) - 1})")
     if beyond:
         print(f"warning: demo.indices {beyond} left out: the {settings['split']} split has {len(dataset)} images")
-    if len(indices) > MAX_ROWS:
-        print(f"warning: demo.indices {indices[MAX_ROWS:]} left out: the figure has at most {MAX_ROWS} rows")
-        indices = indices[:MAX_ROWS]
+    if len(indices) > DEMO_MAX_ROWS:
+        print(f"warning: demo.indices {indices[DEMO_MAX_ROWS:]} left out: the figure has at most {DEMO_MAX_ROWS} rows")
+        indices = indices[:DEMO_MAX_ROWS]
     x = torch.stack([dataset[i] for i in indices])
     with torch.no_grad():
         out = model(x, space.final_priors(model.cfg), settings["mode"])
     demo_figure(out, f"plots/demo/{exp.name}.png", title=f"{exp.name}: {settings['split']} images {indices}",
-                max_images=MAX_ROWS, labels=[f"#{i}" for i in indices])
+                labels=[f"#{i}" for i in indices])
     training_curves(f"plots/train/{exp.name}.csv", f"plots/curves/{exp.name}.png")
 
 
