@@ -16,7 +16,7 @@ device) and its backward are run:
   float32 loss, printed (bf16 changes the numbers by design).
 
 The GPU runs with the original's numerics (space.evaluation.use_original_cuda_numerics: no TF32).
-Exits non-zero at the first comparison that fails, naming it. The CPU tests (tests/test_fastpath.py)
+Runs every comparison, then names each that failed and exits non-zero if any did. The CPU tests (tests/test_fastpath.py)
 check the same on the CPU; CI has no GPU, hence this script.
 """
 from __future__ import annotations

@@ -178,6 +178,10 @@ class TrainConfig:
     # Beyond the original.
     plot_every: int = 100  # rows of plot data (step, loss, KL terms, ...) for DVC
     val_num_images: int = 500  # validation subset for AP during training (SPEC 9.5)
+    # The original's validation MSE (SPEC 9.5): a pass of its own over the first that many validation
+    # images, at the current step's priors (tau changes the reconstruction), before the AP pass.
+    # null: the MSE of the AP pass (final priors), without a pass of its own.
+    val_mse_num_images: int | None = None
     val_batch_size: int = 12
     val_mode: str = "deterministic"  # or 'sample', the original's
     best_metric: str = "ap_avg"  # best checkpoint by this validation metric
@@ -230,6 +234,8 @@ class TrainConfig:
         for key in ("plot_every", "val_num_images", "val_batch_size", "max_bad_steps"):
             if getattr(self, key) < 1:
                 _bad(f"train.{key}", getattr(self, key), "an integer >= 1")
+        if self.val_mse_num_images is not None and self.val_mse_num_images < 1:
+            _bad("train.val_mse_num_images", self.val_mse_num_images, "an integer >= 1, or null (the MSE of the AP pass)")
         if self.max_steps < 0:
             _bad("train.max_steps", self.max_steps, "an integer >= 0")
         if self.num_workers < 0:
@@ -326,7 +332,8 @@ ORIGINAL_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
                       tau_start_step=0, tau_end_step=20000, tau_start_value=2.5, tau_end_value=0.5,
                       boundary_loss=True, bl_off_step=100000, fix_alpha_steps=0, fix_alpha_value=0.1,
                       K=5, bg_sigma=0.15),
-        "train": dict(seed=8848, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=True),
+        "train": dict(seed=8848, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=True, val_mse_num_images=100,
+                      output="best"),
     },
     "3d_room_small": {
         "model": dict(G=8, fg_sigma=0.15, z_pres_start_step=4000, z_pres_end_step=10000,
@@ -336,7 +343,8 @@ ORIGINAL_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
                       tau_start_step=0, tau_end_step=20000, tau_start_value=2.5, tau_end_value=0.5,
                       boundary_loss=True, bl_off_step=100000, fix_alpha_steps=0, fix_alpha_value=0.1,
                       K=5, bg_sigma=0.15),
-        "train": dict(seed=1, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=True),
+        "train": dict(seed=1, batch_size=12, max_steps=160000, max_ckpt=4, eval_on=True, val_mse_num_images=200,
+                      output="best"),
     },
     "atari_spaceinvaders": {
         "model": dict(G=16, fg_sigma=0.20, z_pres_start_step=4000, z_pres_end_step=10000,

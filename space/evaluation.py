@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .geometry import z_where_to_boxes
 from .metrics import DetectionAccumulator
 from .model import Space, SpaceOutput
-from .schedules import final_priors
+from .schedules import Priors, final_priors
 
 PRESENCE_THRESHOLD = 0.5  # a cell is an object when z_pres_prob > 0.5 (strict, SPEC 9.2)
 
@@ -106,13 +106,15 @@ def use_original_cuda_numerics() -> None:
 @torch.no_grad()
 def evaluate(model: Space, dataset: Dataset, batch_size: int = 12, mode: str = "deterministic",
              num_images: int | None = None, device: str | torch.device = "cpu", num_workers: int = 0,
-             progress: bool = True, desc: str = "evaluate") -> dict[str, Any]:
+             progress: bool = True, desc: str = "evaluate", priors: Priors | None = None) -> dict[str, Any]:
     """Evaluate a model on the first ``num_images`` images of a dataset, in order.
 
     Args:
         model: a SPACE model; it is put in eval mode (BatchNorm running statistics) and restored.
         dataset: yields image tensors; if it has ``has_boxes`` true, ``dataset.boxes(i)`` gives
             the ground truth in the normalised [y_min, y_max, x_min, x_max] convention.
+        priors: the step-dependent values the forward takes (default: their final values, t = 1e8,
+            as the original's AP evaluation; its validation MSE takes the current step's).
     Returns:
         a JSON-safe dict: 'mse' (mean per-image sum of squared errors, as the original), 'elbo',
         'num_images', and with ground truth the AP and counting metrics of ``space.metrics``.
@@ -122,7 +124,7 @@ def evaluate(model: Space, dataset: Dataset, batch_size: int = 12, mode: str = "
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     has_boxes = bool(getattr(dataset, "has_boxes", False))
     accumulator = DetectionAccumulator() if has_boxes else None
-    priors = final_priors(model.cfg)
+    priors = final_priors(model.cfg) if priors is None else priors
     was_training = model.training
     model.eval()
     sums = {"mse": 0.0, "elbo": 0.0, "log_like": 0.0, "kl_fg": 0.0, "kl_bg": 0.0, "count": 0.0, "bg_sse": 0.0,

@@ -51,6 +51,7 @@ import os
 import random
 import re
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,6 +391,8 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
         validation.update(eval_every=train_cfg.eval_every, val_mode=train_cfg.val_mode)
         if train_cfg.val_mode == "sample":
             validation["val_num_images"] = train_cfg.val_num_images
+        if train_cfg.val_mse_num_images is not None:  # a pass of its own: one more draw (more in 'sample' mode)
+            validation["val_mse_num_images"] = train_cfg.val_mse_num_images if train_cfg.val_mode == "sample" else True
     if validation != {key: getattr(_DEFAULT_TRAIN, key) for key in validation}:
         train["validation"] = validation
     if world_size > 1 and not train_cfg.sync_batchnorm:
@@ -443,6 +446,11 @@ class _Position:
     step: int = 0  # next step to train
     epoch: int = 0
     batch: int = 0  # next batch index within the epoch
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the step just trained, which a checkpoint's 'epoch' records (SPEC 11.1)."""
+        return self.epoch - 1 if self.batch == 0 and self.epoch > 0 else self.epoch
 
 
 class Trainer:
@@ -601,7 +609,7 @@ class Trainer:
                       "rows": json.dumps(self.rows), "losses": list(self.losses)}
             if env.distributed:
                 resume.update(world_size=env.world_size, rng_ranks=states)
-            save_checkpoint(path, self.model, self.optimizers, step, position.epoch, self.cfg, {"resume": resume})
+            save_checkpoint(path, self.model, self.optimizers, step, position.last_epoch, self.cfg, {"resume": resume})
             # Prune after the new one exists; checkpoints past this step (left by a run with a higher
             # max_steps) are not this run's newest and are left alone.
             ours = [old for old in find_checkpoints(self.run_dir) if _checkpoint_step(old) <= step]
@@ -640,9 +648,9 @@ class Trainer:
         higher = BEST_METRICS[name]
         if self.best is not None and not (value > self.best["value"] if higher else value < self.best["value"]):
             return
-        self.best = {"name": name, "value": float(value), "global_step": step}
+        self.best = {"name": name, "value": float(value), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "global_step": step}
         best_path = self.best_path
-        save_checkpoint(best_path, self.model, self.optimizers, step, position.epoch, self.cfg)
+        save_checkpoint(best_path, self.model, self.optimizers, step, position.last_epoch, self.cfg)
         write_json(best_path.with_suffix(".json"), self.best)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -770,8 +778,14 @@ class Trainer:
         # checkpoint keeps, as the original's does; they are put back to the training step's below,
         # so that the periodic checkpoint written next holds what the original's would.
         buffers = [(b, b.clone()) for b in self.model.buffers()]
+        mse = None
+        if cfg.val_mse_num_images is not None:  # the original's MSE pass, first, at the current step (SPEC 9.5)
+            mse = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_mse_num_images,
+                           self.device, progress=False, priors=priors_at(self.model.cfg, step))["mse"]
         metrics = evaluate(self.model, self.val_set, cfg.val_batch_size, cfg.val_mode, cfg.val_num_images,
                            self.device, progress=False)
+        if mse is not None:
+            metrics["mse"] = mse
         self.rows[-1].update({f"val_{k}": metrics[k] for k in ("ap_50", "ap_avg", "count_accuracy", "mse",
                                                                 "fg_explained", "alpha_coverage", "mean_objects")
                               if metrics.get(k) is not None})

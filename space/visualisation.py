@@ -11,7 +11,7 @@ Two families live here.
   and added to the *foreground reconstruction*. Boxes therefore fade in and out with the soft
   z_pres (a cell at z_pres 0.3 draws a dim box), may be thicker or thinner than 2 px and sit on
   the foreground, not the input.
-* **Clearer pictures for our demo.** :func:`draw_boxes` draws crisp 1-pixel rectangles at the
+* **Clearer pictures for our demo.** :func:`draw_boxes` draws crisp rectangles (1 pixel; thicker past 128) at the
   pixel boxes of the cells with ``z_pres_prob > 0.5`` (the same boxes and threshold as the
   evaluation, SPEC 9.2) on the *input image*; :func:`demo_figure` lays the decomposition out as a
   labelled matplotlib figure and :func:`training_curves` plots the training log.

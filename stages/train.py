@@ -127,7 +127,7 @@ def main(args):
                      trainer.env.world_size * exp.train.batch_size)
         model = trainer.fit()
         if trainer.env.is_main:
-            step, epoch = trainer.position.step - 1, trainer.position.epoch
+            step, epoch = trainer.position.step - 1, trainer.position.last_epoch
             if exp.train.output == "best" and trainer.best_path.exists():  # model selection on the val split
                 ckpt = space.read_checkpoint(trainer.best_path)
                 space.load_weights(model, ckpt, str(trainer.best_path))

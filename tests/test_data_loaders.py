@@ -59,11 +59,12 @@ def test_obj3d_order_values_and_boxes(obj3d: Path) -> None:
     np.testing.assert_array_equal(image.numpy(), expected)
     assert 0.0 <= float(dataset[5].min()) and float(dataset[5].max()) <= 1.0  # the jpg
     boxes = dataset.boxes(1)
-    assert boxes.dtype == np.float32
+    assert boxes.dtype == np.float64  # as the original evaluator reads them (SPEC 9.3)
     np.testing.assert_allclose(boxes, np.array([[18, 22, 7, 15], [38, 43, 29, 32]]) / 128)
     assert dataset.boxes(2).shape == (0, 4)  # empty file: no objects
     # float64 reproduces the original evaluator's read_boxes exactly.
-    assert dataset.boxes(1, dtype=np.float64)[1, 0] == (40.5 - 5 / 2.0) / 128
+    assert dataset.boxes(1)[1, 0] == (40.5 - 5 / 2.0) / 128
+    assert dataset.boxes(1, dtype=np.float32).dtype == np.float32
 
 
 def test_obj3d_resize_and_non_square_crop(tmp_path: Path) -> None:

@@ -152,7 +152,8 @@ def test_params_hold_the_originals_values(name):
     assert exp.model == ModelConfig(**ORIGINAL_CONFIGS[name]["model"])
     original_train = TrainConfig(**ORIGINAL_CONFIGS[name]["train"])
     for key in ("seed", "batch_size", "max_steps", "max_ckpt", "clip_norm", "fg_optim", "fg_lr", "bg_optim",
-                "bg_lr", "eval_on", "print_every", "save_every", "eval_every"):
+                "bg_lr", "eval_on", "print_every", "save_every", "eval_every", "val_num_images", "val_mse_num_images",
+                "best_metric", "output"):
         assert getattr(exp.train, key) == getattr(original_train, key), key
 
 

@@ -197,7 +197,7 @@ def test_the_initial_weights_are_never_the_best_checkpoint(tmp_path):
     trainer._maybe_save_best({"ap_50": 0.002}, 0, position)
     assert trainer.best is None and not trainer.best_path.exists()
     trainer._maybe_save_best({"ap_50": 0.0}, 2, position)
-    assert trainer.best == {"name": "ap_50", "value": 0.0, "global_step": 2}
+    assert trainer.best.pop("date") and trainer.best == {"name": "ap_50", "value": 0.0, "global_step": 2}
     assert read_checkpoint(trainer.best_path)["global_step"] == 2
 
 
@@ -338,3 +338,45 @@ def test_resume_keeps_a_best_within_max_steps_ignores_other_model_files_and_prun
     assert trainer.resumed_from.name == "model_000000006.pth" and trainer.best["global_step"] == 6
     trainer.fit()  # trains step 6 and saves it; step 7's checkpoint is past max_steps and stays
     assert [p.name for p in find_checkpoints(run)] == ["model_000000007.pth", "model_000000008.pth"]
+
+
+def test_validation_mse_in_a_pass_of_its_own_at_the_current_step(tmp_path):
+    # SPEC 9.5: the original's validation MSE covers the first num_samples.mse images at the
+    # current step's priors (tau changes z_pres even in deterministic mode), its AP t = 1e8.
+    import space
+    from space.evaluation import evaluate
+    cfg = dict(TINY_TRAIN, max_steps=2, save_every=2, eval_on=True, eval_every=2, val_num_images=4,
+               val_batch_size=2, val_mse_num_images=2)
+    Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**cfg), RandomImages(), tmp_path / "run", val_set=BoxedImages(n=4),
+            plots_path=tmp_path / "plot.csv", progress=False).fit()
+    row = pd.read_csv(tmp_path / "plot.csv").set_index("step").loc[2]
+    model = space.load(tmp_path / "run" / "model_000000003.pth")  # the weights validated at step 2
+    current = evaluate(model, BoxedImages(n=4), 2, num_images=2, priors=priors_at(model.cfg, 2))
+    final = evaluate(model, BoxedImages(n=4), 2, num_images=4)
+    assert row["val_mse"] == pytest.approx(current["mse"], rel=1e-6)
+    assert current["mse"] != pytest.approx(evaluate(model, BoxedImages(n=4), 2, num_images=2)["mse"], rel=1e-6)
+    assert row["val_ap_50"] == pytest.approx(final["ap_50"])
+
+
+def test_validation_mse_pass_enters_the_run_id():
+    from space.training import run_id
+    model = ModelConfig(**TINY_MODEL)
+    base = run_id(model, TrainConfig(**{**TINY_TRAIN, "eval_on": True}))
+    assert run_id(model, TrainConfig(**{**TINY_TRAIN, "eval_on": True, "val_mse_num_images": 100})) != base
+    # in deterministic mode the pass draws once whatever its size
+    assert (run_id(model, TrainConfig(**{**TINY_TRAIN, "eval_on": True, "val_mse_num_images": 100}))
+            == run_id(model, TrainConfig(**{**TINY_TRAIN, "eval_on": True, "val_mse_num_images": 200})))
+    # without validation there is no pass
+    assert run_id(model, TrainConfig(**{**TINY_TRAIN, "val_mse_num_images": 100})) == run_id(model, TrainConfig(**TINY_TRAIN))
+
+
+def test_checkpoint_epoch_is_the_epoch_of_its_step(tmp_path):
+    # SPEC 11.1: 'epoch' is the epoch the saved step belongs to; resuming takes the position after it.
+    # 10 images in batches of 4: steps 0-2 are epoch 0, step 3 opens epoch 1.
+    Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 3, "max_ckpt": 4}), RandomImages(),
+            tmp_path, progress=False).fit()
+    epochs = {path.name: read_checkpoint(path)["epoch"] for path in find_checkpoints(tmp_path)}
+    assert epochs == {"model_000000001.pth": 0, "model_000000002.pth": 0, "model_000000003.pth": 0,
+                      "model_000000004.pth": 1}
+    resume = read_checkpoint(tmp_path / "model_000000003.pth")["resume"]
+    assert (resume["epoch"], resume["batch"]) == (1, 0)

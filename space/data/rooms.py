@@ -101,8 +101,9 @@ BOX_PER_EXTENT = {"sphere": 1.0, "cube": 1.5, "cylinder": 1.2}
 #: Colour ranges (saturation and value of HSV; hue is uniform) per palette: 'full' lets floor,
 #: walls and objects overlap in colour (an object may nearly match the floor); 'muted' is the
 #: CLEVR look, greyish floor and walls with saturated objects, so every object stands out from
-#: the room by its colour. Both draw the same random numbers, so a scene's layout, shapes,
-#: sizes and hues are the same under either palette.
+#: the room by its colour; 'vivid' is 'full' with more saturated objects, so that no object
+#: matches its floor (the default experiment's). All draw the same random numbers, so a scene's
+#: layout, shapes, sizes and hues are the same under any palette.
 PALETTES = {
     "full": {"floor": ((0.05, 0.45), (0.45, 0.8)), "back": ((0.05, 0.4), (0.6, 0.95)),
              "side": ((0.05, 0.4), (0.5, 0.9)), "object": ((0.45, 0.95), (0.55, 0.95))},
@@ -509,8 +510,8 @@ def render_room(
         shadows: Cast shadows. Without them objects are still shaded
             (Lambertian, ambient), and the scene's random draws are the same,
             so an image differs from its shadowed twin only in the shadows.
-        palette: Colour ranges, a key of :data:`PALETTES` ('full' or 'muted');
-            the scene's random draws are the same under either.
+        palette: Colour ranges, a key of :data:`PALETTES` ('full', 'vivid' or 'muted');
+            the scene's random draws are the same under any.
         walls: 'shaded' (lit like the floor) or 'flat': the back and side walls
             take the back wall's colour, unshaded and unshadowed, like a studio
             backdrop; or 'back': shaded, with the side walls moved out of view
@@ -629,7 +630,7 @@ def generate_rooms(
             antialiasing); 1 turns antialiasing off.
         shadows: Cast shadows (see :func:`render_room`).
         palette: Colour ranges (see :data:`PALETTES`).
-        walls: 'shaded' or 'flat' (see :func:`render_room`).
+        walls: one of :data:`WALL_STYLES` (see :func:`render_room`).
         num_workers: Processes to render with; ``None`` picks up to 2 (one per
             core), and small datasets are rendered in this process.
         progress: Show a tqdm progress bar.
