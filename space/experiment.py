@@ -98,8 +98,9 @@ class DataConfig:
             _bad("data.games", self.games, "a list that names each game once")
         fractions = self.split_fractions
         if not isinstance(fractions, (list, tuple)) or len(fractions) != 3 or not all(map(is_number, fractions)) \
-                or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            _bad("data.split_fractions", fractions, "three shares (train, val, test) >= 0 summing to 1")
+                or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            _bad("data.split_fractions", fractions, "three shares (train, val, test) > 0 summing to 1 (every split "
+                 "needs images: validation picks the best checkpoint, the test split is evaluated)")
         if not 1 <= self.min_objects <= self.max_objects:
             _bad("data.max_objects", self.max_objects, f"an integer >= min_objects ({self.min_objects}) >= 1")
         if not 0 < self.min_size <= self.max_size < 1:
@@ -343,6 +344,8 @@ def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> 
 
     datasets = [build_dataset(exp, split) for split in SPLITS]
     problems: list[str] = []
+    boxes = dropped = 0
+    dropped_from: list[str] = []
     with tqdm(total=sum(map(len, datasets)), desc="check", unit="image", disable=not progress,
               dynamic_ncols=True, mininterval=1.0) as bar:
         for dataset in datasets:
@@ -350,7 +353,10 @@ def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> 
                 try:
                     check_image(dataset.source(index).path, exp.model.image_size)
                     if dataset.has_boxes:
-                        dataset.boxes(index)
+                        boxes += len(dataset.boxes(index))
+                        if hasattr(dataset, "dropped_boxes") and (lost := dataset.dropped_boxes(index)):
+                            dropped += lost
+                            dropped_from.append(str(dataset.box_dir / f"{dataset.paths[index].stem}.txt"))
                 except (OSError, ValueError) as err:
                     problems.append(str(err))
                 bar.update()
@@ -359,6 +365,20 @@ def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> 
         more = f"\n  ... and {len(problems) - most} more" if len(problems) > most else ""
         raise ValueError(f"{len(problems)} of the {sum(map(len, datasets))} images of {exp.data.root} (or their box "
                          f"files) cannot be used:{shown}{more}")
+    if dropped:  # a user's folder: boxes left out by the centre crop
+        what = (f"{dropped} of the {boxes + dropped} boxes in {exp.data.root}/bb lie wholly outside the centre square "
+                f"their images are cropped to, and are left out (e.g. {dropped_from[0]})")
+        if not boxes:
+            raise ValueError(f"{what}: all of them. Box lines are 'centre_x,centre_y,width,height' in pixels of the "
+                             f"image as stored, not fractions of its size (README \"Training on your own images\")")
+        log.warning("%s; an object there is not in the image the model sees", what)
+    for dataset in datasets[:1]:  # the same folder for every split
+        skipped = getattr(dataset, "skipped", [])
+        if skipped:
+            names = ", ".join(f"{p.relative_to(dataset.root)}{'/' if p.is_dir() else ''}" for p in skipped[:most])
+            log.warning("%s: %d entries not read (subfolders, files of no image format PIL decodes here, box files "
+                        "without an image): %s%s", exp.data.root, len(skipped), names,
+                        f", ... ({len(skipped) - most} more)" if len(skipped) > most else "")
 
 
 def build_dataset(exp: Experiment, split: str) -> Dataset:
@@ -439,8 +459,10 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
                                  f"{root.parent / folder}), or point it at a copy of the extracted dataset")
             datasets.fetch_archive(d.source, root.parent, archive_dir=d.archive_dir, url=d.url)
     elif not root.is_dir():
+        queued = (" (under `dvc exp run --queue` or `--temp`, which run in a copy of the repository holding what git "
+                  "tracks, a relative path names the copy's folder: give an absolute one)") if not root.is_absolute() else ""
         raise FileNotFoundError(f"image folder {root} (exp.{exp.name}.data.root) does not exist: "
-                                f"put your images there or change the path in params.yaml")
+                                f"put your images there or change the path in params.yaml{queued}")
     if fresh:  # generated data: remember what it was generated from, so a change regenerates it
         write_json(marker, wanted)
     return root

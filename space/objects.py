@@ -52,7 +52,8 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
     also returns each input's (height, width).
 
     ``images``: a (B, 3, H, W) or (3, H, W) tensor (float in [0, 1], uint8 in 0..255 or uint16 in
-    0..65535), or one image or a list of them, each a PIL image (any mode, 16-bit and float ones
+    0..65535), or one image or a list of them, each a (3, H, W) tensor likewise (as
+    ``torchvision.io.read_image`` gives), a PIL image (any mode, 16-bit and float ones
     included: converted to RGB as the datasets do, by :func:`space.data.datasets.to_rgb`) or an
     (H, W, 3) array (uint8, uint16, or float in [0, 1]; (H, W) grey and (H, W, 4) with alpha are
     taken as PIL takes them: grey repeated, alpha dropped). A PIL image with an EXIF orientation
@@ -78,13 +79,19 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
     for k, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
             raise ValueError(f"image {k}: got the path {str(image)!r}: pass the image itself, e.g. PIL.Image.open(path)")
+        if torch.is_tensor(image):  # channels first, as a batch tensor's images are
+            if image.dim() != 3 or image.shape[0] != 3 or 0 in image.shape:
+                raise ValueError(f"image {k}: expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+            tensors.append(_unit_range(image.cpu(), f"image {k}"))
+            shapes.append(tuple(image.shape[1:]))
+            continue
         # a PIL image is turned as viewers show it, as the datasets turn their files
         array = np.asarray(to_rgb(turned_as_shown(image), f"image {k}") if hasattr(image, "convert") else image)
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
         elif array.ndim == 3 and array.shape[2] in (1, 4):
             array = np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
-        if array.ndim != 3 or array.shape[2] != 3:
+        if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
             hint = "; a channels-first (3, H, W) image goes in as a torch tensor" if array.ndim == 3 and array.shape[0] == 3 else ""
             raise ValueError(f"image {k}: expected an RGB image (H, W, 3), got an array of shape {array.shape}{hint}")
         t = _unit_range(torch.from_numpy(np.array(array)), f"image {k}")  # a copy: PIL's arrays are read-only

@@ -83,6 +83,7 @@ def test_params_read_exponent_floats_as_yaml_1_2_does(tmp_path):
     ("games", ["Pong", "Pong-v0"], "invalid value for 'data.games': ['Pong', 'Pong-v0']; allowed: a list that names "
                                    "each game once"),
     ("split_fractions", [0.5, 0.5], "invalid value for 'data.split_fractions': [0.5, 0.5]; allowed: three shares"),
+    ("split_fractions", [0.9, 0.0, 0.1], "allowed: three shares (train, val, test) > 0 summing to 1 (every split"),
     ("min_size", "0.1", "invalid value for 'data.min_size': '0.1'; allowed: a number"),
     ("root", None, "invalid value for 'data.root': None; allowed: a path"),
 ])

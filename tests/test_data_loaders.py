@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -447,3 +448,28 @@ def test_folder_images_in_each_orientation_equal_a_full_load_turned_resized_and_
         assert np.array_equal(np.array(load_image(path)), np.array(turned)), path.name
         full = torch.from_numpy(np.array(_resize_shorter_and_crop(turned, 16))).permute(2, 0, 1) / 255
         torch.testing.assert_close(dataset[index], full, atol=1 / 255 + 1e-6, rtol=0, msg=path.name)
+
+
+def test_folder_refuses_what_pil_identifies_but_cannot_decode(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        save(root / f"img{i}.png", noise(np.random.default_rng(i), 20, 30))
+    (root / "scan.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(300))
+    dataset = FolderDataset(root, "all", image_size=16)
+    assert [p.name for p in dataset.paths] == ["img0.png", "img1.png", "img2.png"]  # .h5 is no image here
+    assert [p.name for p in dataset.skipped] == ["scan.h5"]
+    (root / "img1.png").write_bytes((root / "scan.h5").read_bytes())  # an HDF5 file named .png
+    with pytest.raises(ValueError, match=r"img1\.png: PIL identifies it as HDF5 but cannot decode that format here"):
+        dataset.source(1)
+    with pytest.raises(ValueError, match=r"img1\.png: PIL identifies it as HDF5"):
+        dataset[1]
+
+
+def test_folder_refuses_file_names_that_are_not_utf8(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name in ("a.png", os.fsdecode(b"caf\xe9.png")):  # a name from an archive made on Windows
+        save(root / name, noise(np.random.default_rng(0), 20, 30))
+    with pytest.raises(ValueError, match=r"1 image file name\(s\) in .* are not UTF-8 \(e\.g\. 'caf\\udce9\.png'"):
+        FolderDataset(root, "all")

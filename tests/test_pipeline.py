@@ -626,3 +626,54 @@ def test_generated_atari_frames_never_replace_the_archives_and_read_only_their_g
     monkeypatch.chdir(tmp_path)
     prepare_data(load_experiment(params, "atari_spaceinvaders"), progress=False)  # its own folders: made again
     assert (tmp_path / "data" / "ale" / GENERATED_MARKER).is_file()
+
+
+def test_the_data_stage_names_what_a_folder_holds_that_it_does_not_read(tmp_path):
+    """A user's folder: files PIL identifies but cannot decode here (its stub formats: HDF5, GRIB),
+    subfolders, other files and box files without an image are named, not silently passed over;
+    boxes the centre crop leaves out are counted, and all of them left out (boxes written as
+    fractions of the image) stop the stage; a box file that is not UTF-8 is named."""
+    folder, path = folder_experiment(tmp_path, [(60, 40 + i) for i in range(10)], "png", image_size=32, G=4)
+    (folder / "scan.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(300))  # was a ZeroDivisionError traceback
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "deeper.png").write_bytes((folder / "img0.png").read_bytes())
+    (folder / "bb" / "ghost.txt").write_text("1,1,1,1\n")
+    (folder / "bb" / "img3.txt").write_text("20,15,8,8\n1,20,1,1\n")  # the second in the strip cropped off
+    result = run_stage("data", "mine", tmp_path, path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "INFO stages.data: data/mine: 8 train, 1 val, 1 test" in result.stderr
+    assert ("data/mine: 4 entries not read (subfolders, files of no image format PIL decodes here, box files without "
+            "an image): notes.txt, scan.h5, sub/, bb/ghost.txt") in result.stderr
+    assert ("1 of the 11 boxes in data/mine/bb lie wholly outside the centre square their images are cropped to, and "
+            "are left out (e.g. data/mine/bb/img3.txt)") in result.stderr
+
+    for box in (folder / "bb").glob("img*.txt"):
+        box.write_text("0.5,0.5,0.1,0.1\n")  # fractions, not pixels: every box falls in the cropped-off strip
+    result = run_stage("data", "mine", tmp_path, path)
+    assert result.returncode == 1
+    assert "10 of the 10 boxes in data/mine/bb lie wholly outside" in result.stderr
+    assert "all of them. Box lines are 'centre_x,centre_y,width,height' in pixels of the image as stored" in result.stderr
+
+    (folder / "bb" / "img0.txt").write_bytes("20,15,8,8\n".encode("utf-16"))  # PowerShell's '>'
+    (folder / "bb" / "img1.txt").write_bytes("20,15,8,8\n".encode("utf-8-sig"))  # a byte-order mark: fine
+    result = run_stage("data", "mine", tmp_path, path)
+    assert "1 of the 10 images of data/mine (or their box files) cannot be used" in result.stderr
+    assert "Box file data/mine/bb/img0.txt is not UTF-8 text (invalid start byte at byte 0; UTF-16" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_folder_names_the_queue_copy_when_its_path_is_relative(tmp_path, monkeypatch):
+    # `dvc exp run --queue`/`--temp` run in a copy of the repository: a relative data.root names the
+    # copy's folder, where the user's (git-ignored) images are not.
+    from space.experiment import prepare_data
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["mine"] = {"data": {"source": "folder", "root": "data/mine"}, "model": {"image_size": 32, "G": 4},
+                             "train": {}, "pretrained": None}
+    with pytest.raises(FileNotFoundError, match=r"image folder data/mine \(exp\.mine\.data\.root\) does not exist: .*"
+                                                r"under `dvc exp run --queue` or `--temp`.*give an absolute one"):
+        prepare_data(load_experiment(params, "mine"), progress=False)
+    params["exp"]["mine"]["data"]["root"] = str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=r"change the path in params\.yaml$"):
+        prepare_data(load_experiment(params, "mine"), progress=False)

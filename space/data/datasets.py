@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from space.data.download import ARCHIVES, ATARI_GAMES, ATARI_SPLIT_DIRS, DEFAULT_ARCHIVE_DIR, SPLITS, drive_link
@@ -177,6 +177,7 @@ def _decoded(path: str | os.PathLike, draft: int | None = None
     """
     try:
         with Image.open(path) as image:
+            _check_decodable(image, path)
             stored = image.size
             reduced = image.draft("RGB", (draft, draft)) if draft and image.format == "JPEG" else None
             extent = reduced[1] if reduced else None  # None too where PIL cannot reduce this JPEG
@@ -186,12 +187,23 @@ def _decoded(path: str | os.PathLike, draft: int | None = None
         raise ValueError(_unreadable(path, err)) from None
 
 
+def _check_decodable(image: Image.Image, path: str | os.PathLike) -> None:
+    """Refuse what PIL identifies but cannot decode here: its stub formats (HDF5, GRIB, BUFR, ...,
+    which report a size of 0 x 0 and need a handler installed) and images without pixels."""
+    if isinstance(image, ImageFile.StubImageFile):
+        raise ValueError(f"Cannot read image {path}: PIL identifies it as {image.format} but cannot decode that "
+                         f"format here; convert it to PNG or JPEG, or move it out of the folder")
+    if 0 in image.size:
+        raise ValueError(f"Cannot read image {path}: it has no pixels ({image.size[0]} x {image.size[1]}); "
+                         f"delete or replace it")
+
+
 def _unreadable(path: str | os.PathLike, err: BaseException) -> str:
     if isinstance(err, Image.DecompressionBombError):  # a sound file, over PIL's limit on pixels
         return (f"Cannot read image {path}: {err} The file may be sound, but PIL refuses images this large; "
                 f"save a smaller copy of it (the model sees it at its image_size anyway).")
-    return (f"Cannot read image {path}: {err}. The file is corrupt or truncated; "
-            f"delete or replace it (re-download or regenerate the dataset).")
+    return (f"Cannot read image {path}: {err}. The file is corrupt or truncated, or in a variant PIL cannot "
+            f"decode here; delete or replace it (re-download or regenerate the dataset, or convert it to PNG).")
 
 
 def _square_transform(size: tuple[int, int], out: int) -> tuple[int, int, int, int]:
@@ -245,6 +257,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file as viewers show it (EXIF orientation applied), from its header."""
     try:
         with Image.open(path) as image:
+            _check_decodable(image, path)
             w, h = image.size
             return (h, w) if _orientation(image) in _QUARTER_TURNS else (w, h)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -317,8 +330,13 @@ def read_box_file(path: str | os.PathLike, pixel_size: float) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Box file {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors write, is no text
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Box file {path} is not UTF-8 text ({err.reason} at byte {err.start}; UTF-16, say, "
+                         f"which Windows PowerShell's '>' writes): save it as UTF-8 or ASCII.") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -335,6 +353,25 @@ def read_box_file(path: str | os.PathLike, pixel_size: float) -> np.ndarray:
             )
         rows.append([cy - h / 2.0, cy + h / 2.0, cx - w / 2.0, cx + w / 2.0])
     return np.array(rows, dtype=np.float64).reshape(-1, 4) / pixel_size
+
+
+def readable_extensions() -> set[str]:
+    """Extensions of the formats PIL decodes here: not save-only ones (.pdf), nor its stub formats
+    (.h5, .grib, .bufr, ...), which it identifies but cannot read without a handler installed, nor
+    MPEG video (.mpg), whose header it reads and whose frames it cannot."""
+    Image.init()
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.OPEN and fmt != "MPEG" and not (isinstance(factory := Image.OPEN[fmt][0], type)  # JPEG's is a function
+                                          and issubclass(factory, ImageFile.StubImageFile))}
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name (undecodable bytes come as surrogates) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -618,14 +655,19 @@ class FolderDataset(Dataset):
         self.root, self.split, self.image_size = Path(root), split, image_size
         if not self.root.is_dir():
             raise FileNotFoundError(f"Image folder {self.root} does not exist; check the path.")
-        # Extensions of formats PIL can open (not save-only ones such as .pdf).
-        readable = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-        files = sorted(
-            p for p in self.root.iterdir()
-            if p.is_file() and p.suffix.lower() in readable and not p.name.startswith(".")
-        )
+        entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in readable_extensions()]
+        #: What the folder holds besides its images and bb/ (subfolders, other files): not read.
+        self.skipped = [p for p in entries if p.name != "bb" and p not in set(files)]
         if not files:
-            raise ValueError(f"No image files in {self.root}; put your images directly in it.")
+            subfolders = [p.name for p in self.skipped if p.is_dir()]
+            raise ValueError(f"No image files in {self.root}; put your images directly in it"
+                             + (f" (subfolders, such as {subfolders[0]}/, are not read)." if subfolders else "."))
+        undecodable = [p for p in files if not _is_utf8(p.name)]
+        if undecodable:
+            raise ValueError(f"{len(undecodable)} image file name(s) in {self.root} are not UTF-8 (e.g. "
+                             f"{ascii(undecodable[0].name)}, from an archive made elsewhere), which the manifests "
+                             f"and exports cannot hold: rename them.")
         if split == "all":
             self.paths = files
         else:
@@ -642,6 +684,8 @@ class FolderDataset(Dataset):
                 )
         self.box_dir = self.root / "bb"
         if self.has_boxes:
+            stems = {f.stem for f in files}
+            self.skipped += [b for b in sorted(self.box_dir.iterdir()) if b.stem not in stems]  # no image of theirs
             by_stem: dict[str, list[str]] = {}
             for f in files:
                 by_stem.setdefault(f.stem, []).append(f.name)
@@ -683,6 +727,14 @@ class FolderDataset(Dataset):
 
     def boxes(self, index: int, dtype: np.dtype = np.float64) -> np.ndarray:
         """Boxes of image ``index`` as (M, 4) normalised ``[y_min, y_max, x_min, x_max]``."""
+        return self._boxes(index)[0].astype(dtype)
+
+    def dropped_boxes(self, index: int) -> int:
+        """How many boxes of image ``index``'s file lie wholly outside the centre crop."""
+        kept, total = self._boxes(index)
+        return total - len(kept)
+
+    def _boxes(self, index: int) -> tuple[np.ndarray, int]:
         if not self.has_boxes:
             raise ValueError(f"{self.root} has no bb/ folder, so there are no boxes.")
         path = self.paths[index]
@@ -694,5 +746,5 @@ class FolderDataset(Dataset):
         boxes[:, 2:4] = (boxes[:, 2:4] * (new_w / size[0]) - left) / self.image_size
         boxes = np.clip(boxes, 0.0, 1.0)
         keep = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
-        return boxes[keep].astype(dtype)
+        return boxes[keep], len(boxes)
 
