@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -23,6 +24,8 @@ class TqdmLogHandler(logging.Handler):
 
 def stage_main(description: str, main: Callable[[argparse.Namespace], None]) -> None:
     """Parse ``experiment [--params FILE]`` and run ``main``; a user error exits 1 with one message."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # from here on, Ctrl-C is a KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("experiment", help="experiment name, a key under 'exp' in params.yaml")
     parser.add_argument("--params", default=PARAMS, help="params file (default: params.yaml)")

@@ -311,16 +311,31 @@ def ensure_data(exp: Experiment) -> None:
         log.warning("%s is missing though %s is there (a copy of the repository, as `dvc exp run --queue` makes): "
                     "making the data again", root, manifest)
         prepare_data(exp)
-    recorded = json.loads(manifest.read_text()).get("content")
+    recorded = read_manifest(exp).get("content")
     if data_fingerprint(exp) != recorded:
         raise ValueError(f"the data made again in {root} differ from those that {manifest} records; run "
                          f"`dvc repro --force data@{exp.name}` and then the stages after it")
 
 
+def read_manifest(exp: Experiment) -> dict[str, Any]:
+    """The data stage's manifest of an experiment (``data/manifests/<name>.json``), {} where none is."""
+    manifest = Path(f"data/manifests/{exp.name}.json")
+    if not manifest.is_file():
+        return {}
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest} is not valid JSON ({err}); run `dvc repro --force data@{exp.name}` to write it "
+                         f"again") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{manifest} holds no manifest; run `dvc repro --force data@{exp.name}` to write it again")
+    return recorded
+
+
 def _check_split_sizes(exp: Experiment, manifest: Path) -> None:
     """Refuse data whose split sizes differ from those the data stage recorded: images added to or
     removed from a folder since (DVC does not watch a folder's content; the data stage does)."""
-    recorded = json.loads(manifest.read_text()).get("splits") or {}
+    recorded = read_manifest(exp).get("splits") or {}
     now = {split: len(build_dataset(exp, split)) for split in recorded}
     if now != recorded:
         changed = ", ".join(f"{split} {now[split]} (recorded {recorded[split]})" for split in recorded
@@ -345,6 +360,7 @@ def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> 
     datasets = [build_dataset(exp, split) for split in SPLITS]
     problems: list[str] = []
     boxes = dropped = 0
+    largest: float | None = None  # of the numbers in a user's box files
     dropped_from: list[str] = []
     with tqdm(total=sum(map(len, datasets)), desc="check", unit="image", disable=not progress,
               dynamic_ncols=True, mininterval=1.0) as bar:
@@ -354,9 +370,12 @@ def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> 
                     check_image(dataset.source(index).path, exp.model.image_size)
                     if dataset.has_boxes:
                         boxes += len(dataset.boxes(index))
-                        if hasattr(dataset, "dropped_boxes") and (lost := dataset.dropped_boxes(index)):
-                            dropped += lost
-                            dropped_from.append(str(dataset.box_dir / f"{dataset.paths[index].stem}.txt"))
+                        if hasattr(dataset, "box_stats"):  # a user's folder
+                            lost, most_in_file = dataset.box_stats(index)
+                            largest = max(largest or 0.0, most_in_file)
+                            if lost:
+                                dropped += lost
+                                dropped_from.append(str(dataset.box_dir / f"{dataset.paths[index].stem}.txt"))
                 except (OSError, ValueError) as err:
                     problems.append(str(err))
                 bar.update()
@@ -365,12 +384,15 @@ def check_data_files(exp: Experiment, progress: bool = True, most: int = 10) -> 
         more = f"\n  ... and {len(problems) - most} more" if len(problems) > most else ""
         raise ValueError(f"{len(problems)} of the {sum(map(len, datasets))} images of {exp.data.root} (or their box "
                          f"files) cannot be used:{shown}{more}")
+    pixels = ("box lines are 'centre_x,centre_y,width,height' in pixels of the image as stored, not fractions of "
+              "its size (README \"Train on your own images\")")
+    if boxes + dropped and largest is not None and largest <= 1.0:  # a user's boxes all in the first pixel
+        raise ValueError(f"every number in the box files of {exp.data.root}/bb is at most 1: {pixels}")
     if dropped:  # a user's folder: boxes left out by the centre crop
         what = (f"{dropped} of the {boxes + dropped} boxes in {exp.data.root}/bb lie wholly outside the centre square "
                 f"their images are cropped to, and are left out (e.g. {dropped_from[0]})")
         if not boxes:
-            raise ValueError(f"{what}: all of them. Box lines are 'centre_x,centre_y,width,height' in pixels of the "
-                             f"image as stored, not fractions of its size (README \"Training on your own images\")")
+            raise ValueError(f"{what}: all of them; {pixels}")
         log.warning("%s; an object there is not in the image the model sees", what)
     for dataset in datasets[:1]:  # the same folder for every split
         skipped = getattr(dataset, "skipped", [])
@@ -416,6 +438,26 @@ def _generated_here(root: Path) -> bool:
     return all((entry / GAME_MARKER).is_file() for entry in entries)
 
 
+def _generated_files_missing(exp: Experiment) -> str | None:
+    """What a generated dataset lacks of the images and box files its settings make (a file deleted
+    by hand, say), or None: it is then made again, as the seeded generator makes the same files."""
+    from .data.download import ATARI_GAMES, ATARI_SPLIT_DIRS
+
+    d, root = exp.data, Path(exp.data.root)
+    counts = dict(zip(SPLITS, (d.num_train, d.num_val, d.num_test)))
+    if d.source == "rooms":  # <root>/<split>/<i>-room.png and <root>/<split>/bb/bb_<i>.txt
+        folders = [(root / split, n) for split, n in counts.items()]
+        folders += [(root / split / "bb", n) for split, n in counts.items()]
+    else:  # <root>/<Game>-v0/<split folder>/<i>.png
+        games = [g.removesuffix("-v0") for g in (d.games or ATARI_GAMES)]
+        folders = [(root / f"{game}-v0" / ATARI_SPLIT_DIRS[split], n) for game in games for split, n in counts.items()]
+    for folder, n in folders:
+        found = len(list(folder.glob("*.txt" if folder.name == "bb" else "*.png"))) if folder.is_dir() else 0
+        if found != n:
+            return f"{folder.relative_to(root)} holds {found} of the {n} {'box files' if folder.name == 'bb' else 'images'} made"
+    return None
+
+
 def prepare_data(exp: Experiment, progress: bool = True) -> Path:
     """Generate or download the experiment's data if it is not there yet; returns its root."""
     from . import data as datasets
@@ -425,6 +467,9 @@ def prepare_data(exp: Experiment, progress: bool = True) -> Path:
     marker = root / GENERATED_MARKER
     wanted = json.loads(json.dumps(data_identity(d, exp.model.image_size)))  # as read back (tuples become lists)
     fresh = d.source in GENERATED and not (marker.is_file() and json.loads(marker.read_text()) == wanted)
+    if d.source in GENERATED and not fresh and (missing := _generated_files_missing(exp)):
+        log.warning("%s: %s since it was generated; making it again", root, missing)
+        fresh = True
     if fresh and not marker.is_file() and not _generated_here(root):
         # Generating replaces the folder: never one that this pipeline did not generate.
         own = ", or set data.source: folder to train on the images there" if d.source == "rooms" else ""

@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
 An exception (or a full disk) mid-write leaves the previous file intact and no temporary behind.
+A process killed mid-write (SIGKILL, a power cut) leaves its temporary, named after its process
+id; the next write of the same file removes those of processes no longer running.
 """
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,8 +21,12 @@ from typing import Any, Callable, Iterator
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # named after the target, not a temporary that never existed
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -30,6 +38,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by killed processes (``.<name>.<pid>.<random>.tmp``)."""
+    remove_stale(path.parent, f".{path.name}.")
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove the files and folders in ``folder`` named ``<prefix><pid><non-digit>...`` whose process
+    is no longer running (what a killed process left); returns them."""
+    removed = []
+    for entry in folder.glob(f"{glob_escape(prefix)}[0-9]*"):
+        pid = re.match(r"\d+", entry.name[len(prefix):])
+        if pid and int(pid.group()) != os.getpid() and not _running(int(pid.group())):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def set_default_mode(path: str | Path) -> None:

@@ -53,7 +53,7 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
 
     ``images``: a (B, 3, H, W) or (3, H, W) tensor (float in [0, 1], uint8 in 0..255 or uint16 in
     0..65535), or one image or a list of them, each a (3, H, W) tensor likewise (as
-    ``torchvision.io.read_image`` gives), a PIL image (any mode, 16-bit and float ones
+    ``torchvision.io.read_image`` gives; another shape is read as an array), a PIL image (any mode, 16-bit and float ones
     included: converted to RGB as the datasets do, by :func:`space.data.datasets.to_rgb`) or an
     (H, W, 3) array (uint8, uint16, or float in [0, 1]; (H, W) grey and (H, W, 4) with alpha are
     taken as PIL takes them: grey repeated, alpha dropped). A PIL image with an EXIF orientation
@@ -79,8 +79,9 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
     for k, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
             raise ValueError(f"image {k}: got the path {str(image)!r}: pass the image itself, e.g. PIL.Image.open(path)")
-        if torch.is_tensor(image):  # channels first, as a batch tensor's images are
-            if image.dim() != 3 or image.shape[0] != 3 or 0 in image.shape:
+        if torch.is_tensor(image) and image.dim() == 3 and image.shape[0] == 3 and image.shape[2] != 3:
+            # channels first, as a batch tensor's images are (other tensors are read as arrays are)
+            if 0 in image.shape:
                 raise ValueError(f"image {k}: expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
             tensors.append(_unit_range(image.cpu(), f"image {k}"))
             shapes.append(tuple(image.shape[1:]))
@@ -137,7 +138,8 @@ def detect(model: Space, images: Any, threshold: float = PRESENCE_THRESHOLD, mod
     Args:
         model: a SPACE model (put in eval mode for this call).
         images: a (B, 3, H, W) tensor (float in [0, 1], uint8 or uint16), or one or a list of PIL
-            images (any mode) or (H, W, 3) arrays (uint8, uint16, or float in [0, 1]), of any size;
+            images (any mode), (H, W, 3) arrays (uint8, uint16, or float in [0, 1]) or (3, H, W)
+            tensors, of any size;
             they are resized to the model's size and boxes are mapped back.
     Returns:
         per image, a list of :class:`Detection`, most confident first.

@@ -43,6 +43,7 @@ sampling noise (latents at their means), which makes runs comparable across proc
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -81,6 +82,29 @@ TRAIN_METRICS = ("loss", "elbo", "log_like", "mse", "kl_z_what", "kl_z_where", "
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example, too many non-finite steps in a row)."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.lock`` while training: a second training of the same run (a train stage left
+    running by a killed ``dvc``, and a new ``dvc repro``) would write the same checkpoints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "a process"
+            raise TrainingError(f"another training of this run is in progress ({holder}), writing to {run_dir}: "
+                                f"let it end or stop it, then run again") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def seed_everything(seed: int) -> None:
@@ -656,6 +680,10 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Space:
         """Train to ``max_steps`` (steps 0..max_steps, as the original) and return the (unwrapped) model."""
+        with run_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> Space:
         cfg, env = self.cfg, self.env
         n = len(self.train_set)
         global_batch = cfg.batch_size * env.world_size

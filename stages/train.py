@@ -6,7 +6,6 @@ With ``train.nproc_per_node`` N > 1 the stage relaunches itself through torchrun
 torchrun already (for example on several nodes, see README "Multi-GPU and multi-node"), it runs
 as one of the processes; only rank 0 writes the model, the plots and the checkpoints.
 """
-import json
 import logging
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from space.checkpoint import CheckpointError, checkpoint_configs, load_weights, 
 from space.cli import stage_main
 from space.config import GLOBAL_MODEL_KEYS, ORIGINAL_CONFIGS, original_config, to_dict
 from space.evaluation import resolve_device
-from space.experiment import build_dataset, data_identity, ensure_data, load_experiment
+from space.experiment import build_dataset, data_identity, ensure_data, load_experiment, read_manifest
 from space.training import Trainer, dist_env, run_id, shutdown_distributed, under_torchrun
 
 log = logging.getLogger("stages.train")
@@ -115,8 +114,7 @@ def main(args):
         relaunch(exp.train.nproc_per_node, exp.train.device, args.experiment, args.params)
         return
     ensure_data(exp)  # the images the data stage recorded (a copy of the repository may lack them)
-    manifest = Path(f"data/manifests/{exp.name}.json")
-    content = json.loads(manifest.read_text()).get("content") if manifest.is_file() else None
+    content = read_manifest(exp).get("content")
     rid = run_id(exp.model, exp.train, data_identity(exp.data, exp.model.image_size, content), env.world_size)
     val = build_dataset(exp, "val") if exp.train.eval_on else None
     try:
@@ -128,11 +126,19 @@ def main(args):
         model = trainer.fit()
         if trainer.env.is_main:
             step, epoch = trainer.position.step - 1, trainer.position.last_epoch
+            best: dict | str | None = None
             if exp.train.output == "best" and trainer.best_path.exists():  # model selection on the val split
-                ckpt = space.read_checkpoint(trainer.best_path)
-                space.load_weights(model, ckpt, str(trainer.best_path))
-                step, epoch = ckpt["global_step"], ckpt["epoch"]
+                try:
+                    best = space.read_checkpoint(trainer.best_path)
+                except CheckpointError as err:  # a truncated write (the machine went down, say)
+                    best = str(err)
+            if isinstance(best, dict):
+                space.load_weights(model, best, str(trainer.best_path))
+                step, epoch = best["global_step"], best["epoch"]
                 log.info("output: the best checkpoint by validation %s (step %d)", exp.train.best_metric, step)
+            elif best is not None:
+                log.warning("%s; writing the last step instead (delete it and %s; the next validation that scores "
+                            "better writes a new one)", best, trainer.best_path.with_suffix(".json").name)
             elif exp.train.output == "best" and not trainer.validates:
                 log.warning("train.output is 'best' but no validation ran (eval_on false or no val split): "
                             "writing the last step")

@@ -460,10 +460,11 @@ def test_folder_refuses_what_pil_identifies_but_cannot_decode(tmp_path: Path) ->
     assert [p.name for p in dataset.paths] == ["img0.png", "img1.png", "img2.png"]  # .h5 is no image here
     assert [p.name for p in dataset.skipped] == ["scan.h5"]
     (root / "img1.png").write_bytes((root / "scan.h5").read_bytes())  # an HDF5 file named .png
-    with pytest.raises(ValueError, match=r"img1\.png: PIL identifies it as HDF5 but cannot decode that format here"):
-        dataset.source(1)
-    with pytest.raises(ValueError, match=r"img1\.png: PIL identifies it as HDF5"):
-        dataset[1]
+    for read in (dataset.source, dataset.__getitem__):
+        with pytest.raises(ValueError, match=r"^Cannot read image [^:]*img1\.png: PIL identifies it as HDF5 but cannot "
+                                             r"decode that format here; convert it to PNG or JPEG, or move it out of "
+                                             r"the folder$"):
+            read(1)
 
 
 def test_folder_refuses_file_names_that_are_not_utf8(tmp_path: Path) -> None:

@@ -110,3 +110,26 @@ def test_a_full_disk_is_named_as_such(tmp_path):
         assert list(full.iterdir()) == []  # no temporary file left behind
     finally:
         subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    left = tmp_path / f".rooms.json.{dead_pid}.x4j2w0s1.tmp"  # what SIGKILL mid-write leaves
+    left.write_text('{"ap_')
+    alive = tmp_path / f".rooms.json.{os.getppid()}.abcdefgh.tmp"  # a writer still running
+    alive.write_text("")
+    other = tmp_path / f".rooms.json.bak.{dead_pid}.tmp"  # not one of ours
+    other.write_text("")
+    write_json(tmp_path / "rooms.json", {"ap_50": 0.5})
+    assert not left.exists() and alive.exists() and other.exists()
+    assert json.loads((tmp_path / "rooms.json").read_text()) == {"ap_50": 0.5}
+
+
+def test_an_unwritable_folder_is_named_not_a_temporary(tmp_path):
+    (tmp_path / "metrics").write_text("a file where a folder is expected")
+    with pytest.raises(OSError, match=r"cannot write .*metrics/rooms\.json: (File exists|Not a directory)"):
+        write_json(tmp_path / "metrics" / "rooms.json", {"ap_50": 0.5})

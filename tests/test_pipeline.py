@@ -281,6 +281,17 @@ def test_output_best_writes_the_best_validation_checkpoint(tmp_path):
     assert "train.output is 'best' but this run holds no best checkpoint by validation ap_50" in result.stderr
     assert "no validation ran" not in result.stderr
     assert read_checkpoint(tmp_path / "models" / "rooms.pth")["global_step"] == 4
+    # A best checkpoint cut short (the machine went down as it was written) does not block the stage.
+    entry["train"]["best_metric"] = "count_error_rate"
+    path.write_text(yaml.safe_dump(params))
+    best_pth = best_json.with_suffix(".pth")
+    best_pth.write_bytes(best_pth.read_bytes()[:100])
+    result = run_stage("train", "rooms", tmp_path, path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"best_count_error_rate\.pth: not a PyTorch checkpoint[^\n]*; writing the last step instead "
+                     r"\(delete it and best_count_error_rate\.json", result.stderr)
+    assert "holds no best checkpoint" not in result.stderr
+    assert read_checkpoint(tmp_path / "models" / "rooms.pth")["global_step"] == 4
 
 
 def test_dvc_repro_runs_an_original_experiment_and_then_nothing(tmp_path):
@@ -640,6 +651,8 @@ def test_the_data_stage_names_what_a_folder_holds_that_it_does_not_read(tmp_path
     (folder / "sub" / "deeper.png").write_bytes((folder / "img0.png").read_bytes())
     (folder / "bb" / "ghost.txt").write_text("1,1,1,1\n")
     (folder / "bb" / "img3.txt").write_text("20,15,8,8\n1,20,1,1\n")  # the second in the strip cropped off
+    (folder / "bb" / "img4.txt").write_text("20,15,8,8\n20,15,0,0\n")  # a point: no box, but not cropped off
+    (folder / "bb" / ".DS_Store").write_bytes(b"\0")  # hidden: not named
     result = run_stage("data", "mine", tmp_path, path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "INFO stages.data: data/mine: 8 train, 1 val, 1 test" in result.stderr
@@ -649,12 +662,20 @@ def test_the_data_stage_names_what_a_folder_holds_that_it_does_not_read(tmp_path
             "are left out (e.g. data/mine/bb/img3.txt)") in result.stderr
 
     for box in (folder / "bb").glob("img*.txt"):
-        box.write_text("0.5,0.5,0.1,0.1\n")  # fractions, not pixels: every box falls in the cropped-off strip
+        box.write_text("1,20,1,1\n")  # every box in the strip cropped off
     result = run_stage("data", "mine", tmp_path, path)
     assert result.returncode == 1
-    assert "10 of the 10 boxes in data/mine/bb lie wholly outside" in result.stderr
-    assert "all of them. Box lines are 'centre_x,centre_y,width,height' in pixels of the image as stored" in result.stderr
+    assert re.search(r"10 of the 10 boxes in data/mine/bb lie wholly outside the centre square their images are cropped "
+                     r"to, and are left out \(e\.g\. data/mine/bb/img\d\.txt\): all of them; box lines are "
+                     r"'centre_x,centre_y,width,height' in pixels of the image as stored", result.stderr)
+    for box in (folder / "bb").glob("img*.txt"):
+        box.write_text("0.5,0.5,0.1,0.1\n")  # fractions, not pixels
+    result = run_stage("data", "mine", tmp_path, path)
+    assert result.returncode == 1
+    assert "every number in the box files of data/mine/bb is at most 1: box lines are" in result.stderr
 
+    for box in (folder / "bb").glob("img*.txt"):
+        box.write_text("20,15,8,8\n")
     (folder / "bb" / "img0.txt").write_bytes("20,15,8,8\n".encode("utf-16"))  # PowerShell's '>'
     (folder / "bb" / "img1.txt").write_bytes("20,15,8,8\n".encode("utf-8-sig"))  # a byte-order mark: fine
     result = run_stage("data", "mine", tmp_path, path)
@@ -677,3 +698,48 @@ def test_a_missing_folder_names_the_queue_copy_when_its_path_is_relative(tmp_pat
     params["exp"]["mine"]["data"]["root"] = str(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=r"change the path in params\.yaml$"):
         prepare_data(load_experiment(params, "mine"), progress=False)
+
+
+def test_generated_data_missing_a_file_is_made_again(tmp_path, monkeypatch, caplog):
+    # An image deleted by hand from generated data: the data stage made nothing (its marker was
+    # there), and the gap error's remedy, `dvc repro --force data@<experiment>`, could not help.
+    from space.experiment import prepare_data, read_manifest
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["rooms"]["data"].update(root="data/small", num_train=4, num_val=3, num_test=2)
+    params["exp"]["rooms"]["model"].update(image_size=32, G=4)
+    exp = load_experiment(params, "rooms")
+    root = prepare_data(exp, progress=False)
+    image = root / "val" / "1-room.png"
+    before = image.read_bytes()
+    image.unlink()
+    with caplog.at_level("WARNING"):
+        prepare_data(exp, progress=False)
+    assert "data/small: val holds 2 of the 3 images made since it was generated; making it again" in caplog.text
+    assert image.read_bytes() == before  # the seeded generator makes the same files
+    (root / "test" / "bb" / "bb_0.txt").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_data(exp, progress=False)
+    assert "data/small: test/bb holds 1 of the 2 box files made since it was generated" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_data(exp, progress=False)
+    assert caplog.text == ""  # complete: nothing made again
+    manifest = tmp_path / "data" / "manifests" / "rooms.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"root": "data/small", "spl')
+    with pytest.raises(ValueError, match=r"data/manifests/rooms\.json is not valid JSON \(.*\); run `dvc repro --force "
+                                         r"data@rooms` to write it again"):
+        read_manifest(exp)
+
+
+def test_ctrl_c_while_a_stage_imports_prints_one_line():
+    # Importing torch takes seconds, most of a short stage's run: an interrupt then printed a
+    # traceback through torch's import (and once numpy's "cannot load module more than once").
+    # The stages package handles SIGINT until stage_main takes over; here the interrupt comes
+    # right after it, before torch is imported.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import stages, os, signal; os.kill(os.getpid(), signal.SIGINT); import torch; print('not interrupted')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr, result.stdout) == (130, "error: interrupted\n", "")

@@ -380,3 +380,16 @@ def test_checkpoint_epoch_is_the_epoch_of_its_step(tmp_path):
                       "model_000000004.pth": 1}
     resume = read_checkpoint(tmp_path / "model_000000003.pth")["resume"]
     assert (resume["epoch"], resume["batch"]) == (1, 0)
+
+
+def test_a_run_trains_in_one_process_at_a_time(tmp_path):
+    # A train stage left running by a killed `dvc`, and a new `dvc repro`, resumed the same run and
+    # wrote the same checkpoints.
+    from space.training import TrainingError, run_lock
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(TrainingError, match=r"another training of this run is in progress \(pid \d+\), writing"):
+            Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 1}), RandomImages(),
+                    tmp_path / "run", progress=False).fit()
+    Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 1}), RandomImages(), tmp_path / "run",
+            progress=False).fit()  # once the other has ended
+    assert find_checkpoints(tmp_path / "run")

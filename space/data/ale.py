@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from space.data.download import ATARI_GAMES, ATARI_SPLIT_DIRS, publish_directory
+from space.io import remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,14 @@ def generate_atari(
     counts = dict(zip(ATARI_SPLIT_DIRS, (num_train, num_val, num_test)))
     bar = tqdm(total=len(names) * sum(counts.values()), desc=f"atari -> {out_root.name}", unit="frame",
                disable=not progress)
+    for game in names:  # left by a generation that was killed
+        remove_stale(out_root, f".{game}-v0.tmp-")
     left = sorted(out_root.glob(".*-v0.tmp-*"))
     if left:  # a generation stopped by SIGTERM or SIGKILL cannot clean up; another may be running now
         log.warning("%s: left by a generation that was stopped; unless one is running now, delete them",
                     ", ".join(map(str, left)))
     for game in names:
-        stage = Path(tempfile.mkdtemp(prefix=f".{game}-v0.tmp-", dir=out_root))
+        stage = Path(tempfile.mkdtemp(prefix=f".{game}-v0.tmp-{os.getpid()}-", dir=out_root))
         try:
             for split_index, (split, count) in enumerate(counts.items()):
                 split_dir = stage / ATARI_SPLIT_DIRS[split]

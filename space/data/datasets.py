@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -183,18 +184,24 @@ def _decoded(path: str | os.PathLike, draft: int | None = None
             extent = reduced[1] if reduced else None  # None too where PIL cannot reduce this JPEG
             image.load()  # decode now, so truncation surfaces here
             return image, stored, extent
+    except _Undecodable:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(_unreadable(path, err)) from None
 
 
+class _Undecodable(ValueError):
+    """An image file PIL identifies but cannot decode here (its message is whole)."""
+
+
 def _check_decodable(image: Image.Image, path: str | os.PathLike) -> None:
     """Refuse what PIL identifies but cannot decode here: its stub formats (HDF5, GRIB, BUFR, ...,
-    which report a size of 0 x 0 and need a handler installed) and images without pixels."""
-    if isinstance(image, ImageFile.StubImageFile):
-        raise ValueError(f"Cannot read image {path}: PIL identifies it as {image.format} but cannot decode that "
+    which report a size of 0 x 0) without a handler installed, and images without pixels."""
+    if _stub_without_handler(type(image)):
+        raise _Undecodable(f"Cannot read image {path}: PIL identifies it as {image.format} but cannot decode that "
                          f"format here; convert it to PNG or JPEG, or move it out of the folder")
     if 0 in image.size:
-        raise ValueError(f"Cannot read image {path}: it has no pixels ({image.size[0]} x {image.size[1]}); "
+        raise _Undecodable(f"Cannot read image {path}: it has no pixels ({image.size[0]} x {image.size[1]}); "
                          f"delete or replace it")
 
 
@@ -260,6 +267,8 @@ def _image_size(path: Path) -> tuple[int, int]:
             _check_decodable(image, path)
             w, h = image.size
             return (h, w) if _orientation(image) in _QUARTER_TURNS else (w, h)
+    except _Undecodable:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(_unreadable(path, err)) from None
 
@@ -361,8 +370,15 @@ def readable_extensions() -> set[str]:
     MPEG video (.mpg), whose header it reads and whose frames it cannot."""
     Image.init()
     return {ext.lower() for ext, fmt in Image.registered_extensions().items()
-            if fmt in Image.OPEN and fmt != "MPEG" and not (isinstance(factory := Image.OPEN[fmt][0], type)  # JPEG's is a function
-                                          and issubclass(factory, ImageFile.StubImageFile))}
+            if fmt in Image.OPEN and fmt != "MPEG" and not _stub_without_handler(Image.OPEN[fmt][0])}
+
+
+def _stub_without_handler(factory: Any) -> bool:
+    """Whether a PIL format's opener is a stub with no handler registered (a user may register one;
+    Windows does for WMF). Pillow keeps it on the class, older versions in the plugin's module."""
+    return (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)  # JPEG's is a function
+            and getattr(factory, "_handler", None) is None
+            and getattr(sys.modules.get(factory.__module__), "_handler", None) is None)
 
 
 def _is_utf8(name: str) -> bool:
@@ -462,7 +478,8 @@ class Obj3dDataset(Dataset):
                     f"{split_dir} has no image of index {gaps[0]} ({len(gaps)} of indices {first}-{last} "
                     f"missing): the i-th image in index order takes box file bb_i.txt, so the images past the "
                     f"gap would take the boxes of others. Restore the missing image(s), or number images and "
-                    f"box files 0..n-1 together.")
+                    f"box files 0..n-1 together (data the pipeline generated: `dvc repro --force data@<experiment>` "
+                    f"makes it again).")
             present = {p.name for p in self.box_dir.iterdir()}
             missing = [f"bb_{i}.txt" for i in range(len(self.paths)) if f"bb_{i}.txt" not in present]
             if missing:
@@ -656,9 +673,11 @@ class FolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"Image folder {self.root} does not exist; check the path.")
         entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
-        files = [p for p in entries if p.is_file() and p.suffix.lower() in readable_extensions()]
+        readable = readable_extensions()
+        files = [p for p in entries if p.suffix.lower() in readable and p.is_file()]
+        images = set(files)
         #: What the folder holds besides its images and bb/ (subfolders, other files): not read.
-        self.skipped = [p for p in entries if p.name != "bb" and p not in set(files)]
+        self.skipped = [p for p in entries if p.name != "bb" and p not in images]
         if not files:
             subfolders = [p.name for p in self.skipped if p.is_dir()]
             raise ValueError(f"No image files in {self.root}; put your images directly in it"
@@ -685,7 +704,8 @@ class FolderDataset(Dataset):
         self.box_dir = self.root / "bb"
         if self.has_boxes:
             stems = {f.stem for f in files}
-            self.skipped += [b for b in sorted(self.box_dir.iterdir()) if b.stem not in stems]  # no image of theirs
+            self.skipped += [b for b in sorted(self.box_dir.iterdir())  # no image of theirs
+                             if not b.name.startswith(".") and b.stem not in stems]
             by_stem: dict[str, list[str]] = {}
             for f in files:
                 by_stem.setdefault(f.stem, []).append(f.name)
@@ -729,22 +749,26 @@ class FolderDataset(Dataset):
         """Boxes of image ``index`` as (M, 4) normalised ``[y_min, y_max, x_min, x_max]``."""
         return self._boxes(index)[0].astype(dtype)
 
-    def dropped_boxes(self, index: int) -> int:
-        """How many boxes of image ``index``'s file lie wholly outside the centre crop."""
-        kept, total = self._boxes(index)
-        return total - len(kept)
+    def box_stats(self, index: int) -> tuple[int, float]:
+        """How many boxes (of positive size) of image ``index``'s file lie wholly outside the centre
+        crop, and the largest number in the file, in pixels (at most 1: fractions, not pixels)."""
+        kept, pixels = self._boxes(index)
+        sized = int(((pixels[:, 1] > pixels[:, 0]) & (pixels[:, 3] > pixels[:, 2])).sum())
+        return sized - len(kept), float(pixels.max()) if pixels.size else 0.0
 
-    def _boxes(self, index: int) -> tuple[np.ndarray, int]:
+    def _boxes(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The boxes of image ``index`` kept after the crop, normalised, and its file's in pixels."""
         if not self.has_boxes:
             raise ValueError(f"{self.root} has no bb/ folder, so there are no boxes.")
         path = self.paths[index]
         size = _image_size(path)  # from the header, as viewers show the image
         # Pixel boxes of the original image, then through resize and crop.
         new_w, new_h, left, top = _square_transform(size, self.image_size)
-        boxes = read_box_file(self.box_dir / f"{path.stem}.txt", 1.0)  # (M, 4) pixels
+        pixels = read_box_file(self.box_dir / f"{path.stem}.txt", 1.0)  # (M, 4)
+        boxes = pixels.copy()
         boxes[:, 0:2] = (boxes[:, 0:2] * (new_h / size[1]) - top) / self.image_size
         boxes[:, 2:4] = (boxes[:, 2:4] * (new_w / size[0]) - left) / self.image_size
         boxes = np.clip(boxes, 0.0, 1.0)
         keep = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
-        return boxes[keep], len(boxes)
+        return boxes[keep], pixels
 

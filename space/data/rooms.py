@@ -56,6 +56,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from space.data.download import SPLITS, publish_directory
+from space.io import remove_stale
 
 __all__ = ["render_room", "generate_rooms", "image_seed"]
 
@@ -665,7 +666,8 @@ def generate_rooms(
 
     try:
         out_root.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.tmp-", dir=out_root.parent))
+        remove_stale(out_root.parent, f".{out_root.name}.tmp-")  # left by a generation that was killed
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.tmp-{os.getpid()}-", dir=out_root.parent))
     except OSError as error:  # else named by the temporary folder beside it
         raise OSError(error.errno, f"cannot make the dataset folder {out_root}: {error.strerror}") from None
     try:
