@@ -42,17 +42,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove temporaries of ``path`` left by killed processes (``.<name>.<pid>.<random>.tmp``)."""
-    remove_stale(path.parent, f".{path.name}.")
+    remove_stale(path.parent, f".{path.name}.", r"\.[a-z0-9_]{8}\.tmp")
 
 
-def remove_stale(folder: Path, prefix: str) -> list[Path]:
-    """Remove the files and folders in ``folder`` named ``<prefix><pid><non-digit>...`` whose process
-    is no longer running (what a killed process left); returns them."""
+def remove_stale(folder: Path, prefix: str, rest: str) -> list[Path]:
+    """Remove the files and folders in ``folder`` named ``<prefix><pid><rest>`` (``rest`` a regular
+    expression: what ``tempfile`` adds) whose process is no longer running, as a killed process
+    leaves them; returns those removed. What cannot be removed is left."""
+    pattern = re.compile(re.escape(prefix) + r"(\d{1,9})" + rest)
     removed = []
     for entry in folder.glob(f"{glob_escape(prefix)}[0-9]*"):
-        pid = re.match(r"\d+", entry.name[len(prefix):])
-        if pid and int(pid.group()) != os.getpid() and not _running(int(pid.group())):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        match = pattern.fullmatch(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _running(int(match.group(1))):
+            try:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            except OSError:
+                continue
             removed.append(entry)
     return removed
 
@@ -67,7 +72,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
+    except (PermissionError, OverflowError, ValueError):  # another user's; no process id
         return True
     return True
 

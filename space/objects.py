@@ -86,6 +86,9 @@ def _as_batch(images: Any, size: int) -> tuple[torch.Tensor, list[tuple[int, int
             tensors.append(_unit_range(image.cpu(), f"image {k}"))
             shapes.append(tuple(image.shape[1:]))
             continue
+        if torch.is_tensor(image):  # another shape: read as an array is
+            image = image.detach().cpu()
+            image = image.float() if image.dtype == torch.bfloat16 else image
         # a PIL image is turned as viewers show it, as the datasets turn their files
         array = np.asarray(to_rgb(turned_as_shown(image), f"image {k}") if hasattr(image, "convert") else image)
         if array.ndim == 2:

@@ -43,6 +43,7 @@ sampling noise (latents at their means), which makes runs comparable across proc
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -97,6 +98,13 @@ def run_lock(run_dir: Path):
             holder = lock.read().strip() or "a process"
             raise TrainingError(f"another training of this run is in progress ({holder}), writing to {run_dir}: "
                                 f"let it end or stop it, then run again") from None
+        except OSError as err:  # a file system without flock (Lustre without -o flock, say)
+            if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            log.warning("%s cannot be locked (%s): nothing stops two trainings of this run at once", run_dir,
+                        err.strerror)
+            yield
+            return
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()}")
@@ -529,7 +537,14 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
         self.last_saved: int | None = None  # step of the newest checkpoint of this run
-        self._resume()
+        self._lock = contextlib.ExitStack()  # held from before the resume (which may set a best aside) to fit's end
+        if env.is_main:
+            self._lock.enter_context(run_lock(self.run_dir))
+        try:
+            self._resume()
+        except BaseException:
+            self._lock.close()
+            raise
         self._val_on = self._has_val()
         if env.distributed:  # rank 0 decides, so that every rank takes part in the same collectives
             flag = [self._val_on]
@@ -680,8 +695,10 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Space:
         """Train to ``max_steps`` (steps 0..max_steps, as the original) and return the (unwrapped) model."""
-        with run_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext():
+        try:
             return self._fit()
+        finally:
+            self._lock.close()
 
     def _fit(self) -> Space:
         cfg, env = self.cfg, self.env

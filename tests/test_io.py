@@ -122,10 +122,14 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     left.write_text('{"ap_')
     alive = tmp_path / f".rooms.json.{os.getppid()}.abcdefgh.tmp"  # a writer still running
     alive.write_text("")
-    other = tmp_path / f".rooms.json.bak.{dead_pid}.tmp"  # not one of ours
-    other.write_text("")
+    others = [tmp_path / name for name in (  # not temporaries of rooms.json
+        f".rooms.json.bak.{dead_pid}.tmp", f".rooms.json.{dead_pid}.bak", ".rooms.json.20261205.bak",
+        ".rooms.json.1733400000123.bak",  # a number os.kill cannot take
+        f".rooms.json.{dead_pid}.bak.{dead_pid}.abcdefgh.tmp")]  # another target's (rooms.json.<n>.bak)
+    for other in others:
+        other.write_text("")
     write_json(tmp_path / "rooms.json", {"ap_50": 0.5})
-    assert not left.exists() and alive.exists() and other.exists()
+    assert not left.exists() and alive.exists() and all(other.exists() for other in others)
     assert json.loads((tmp_path / "rooms.json").read_text()) == {"ap_50": 0.5}
 
 

@@ -99,8 +99,10 @@ def test_detect_takes_each_form_of_an_image_alike_and_refuses_values_it_would_mi
     np.testing.assert_allclose(np.array([d.box for d in both[0]]), expected, atol=1e-4)
     np.testing.assert_allclose(np.array([d.box for d in both[1]]), boxes([rgb[:24, :30]]), atol=1e-4)
     for same in (rgb, Image.fromarray(rgb), [Image.fromarray(rgb)], chw, chw[None], chw.float() / 255, [chw],
-                 [torch.from_numpy(rgb)], rgb.astype(np.float32) / 255, np.dstack([rgb, np.full((48, 40), 7, np.uint8)])):
+                 [torch.from_numpy(rgb)], [(torch.from_numpy(rgb) / 255).requires_grad_()],
+                 rgb.astype(np.float32) / 255, np.dstack([rgb, np.full((48, 40), 7, np.uint8)])):
         np.testing.assert_allclose(boxes(same), expected, atol=1e-4)
+    assert len(model.detect([(torch.from_numpy(rgb) / 255).bfloat16()])) == 1  # read as an array, in float32
     grey = rgb[:, :, 0]
     np.testing.assert_allclose(boxes(grey), boxes(np.dstack([grey] * 3)), atol=1e-4)
     np.testing.assert_allclose(boxes(Image.fromarray(grey)), boxes(np.dstack([grey] * 3)), atol=1e-4)

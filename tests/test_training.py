@@ -393,3 +393,27 @@ def test_a_run_trains_in_one_process_at_a_time(tmp_path):
     Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 1}), RandomImages(), tmp_path / "run",
             progress=False).fit()  # once the other has ended
     assert find_checkpoints(tmp_path / "run")
+    # held from before the resume (which may set a best checkpoint aside) to the end of fit
+    first = Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), RandomImages(),
+                    tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match="another training of this run is in progress"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), RandomImages(),
+                tmp_path / "run", progress=False)
+    first.fit()
+    Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), RandomImages(), tmp_path / "run",
+            progress=False).fit()
+
+
+def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)  # Lustre mounted without -o flock
+    with caplog.at_level("WARNING"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 1}), RandomImages(),
+                tmp_path / "run", progress=False).fit()
+    assert "cannot be locked (Function not implemented): nothing stops two trainings of this run at once" in caplog.text
+    assert find_checkpoints(tmp_path / "run")

@@ -189,7 +189,7 @@ def generate_atari(
     bar = tqdm(total=len(names) * sum(counts.values()), desc=f"atari -> {out_root.name}", unit="frame",
                disable=not progress)
     for game in names:  # left by a generation that was killed
-        remove_stale(out_root, f".{game}-v0.tmp-")
+        remove_stale(out_root, f".{game}-v0.tmp-", r"-[a-z0-9_]{8}")
     left = sorted(out_root.glob(".*-v0.tmp-*"))
     if left:  # a generation stopped by SIGTERM or SIGKILL cannot clean up; another may be running now
         log.warning("%s: left by a generation that was stopped; unless one is running now, delete them",

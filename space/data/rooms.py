@@ -666,7 +666,7 @@ def generate_rooms(
 
     try:
         out_root.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(out_root.parent, f".{out_root.name}.tmp-")  # left by a generation that was killed
+        remove_stale(out_root.parent, f".{out_root.name}.tmp-", r"-[a-z0-9_]{8}")  # left by a killed generation
         stage = Path(tempfile.mkdtemp(prefix=f".{out_root.name}.tmp-{os.getpid()}-", dir=out_root.parent))
     except OSError as error:  # else named by the temporary folder beside it
         raise OSError(error.errno, f"cannot make the dataset folder {out_root}: {error.strerror}") from None
