@@ -740,6 +740,7 @@ def test_ctrl_c_while_a_stage_imports_prints_one_line():
     # The stages package handles SIGINT until stage_main takes over; here the interrupt comes
     # right after it, before torch is imported.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "import stages, os, signal; os.kill(os.getpid(), signal.SIGINT); import torch; print('not interrupted')"
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as from a terminal, not `&`
+            "import stages, os; os.kill(os.getpid(), signal.SIGINT); import torch; print('not interrupted')")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr, result.stdout) == (130, "error: interrupted\n", "")
