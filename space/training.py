@@ -87,8 +87,10 @@ class TrainingError(RuntimeError):
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold ``run_dir/.lock`` while training: a second training of the same run (a train stage left
-    running by a killed ``dvc``, and a new ``dvc repro``) would write the same checkpoints."""
+    """Hold ``run_dir/.lock`` while resuming and while training: a second training of the same run (a
+    train stage left running by a killed ``dvc``, and a new ``dvc repro``) would write the same
+    checkpoints. Held only inside those calls, so that a Trainer built and never fitted (or whose
+    construction failed) holds nothing."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "a+") as lock:
         try:
@@ -537,14 +539,8 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
         self.last_saved: int | None = None  # step of the newest checkpoint of this run
-        self._lock = contextlib.ExitStack()  # held from before the resume (which may set a best aside) to fit's end
-        if env.is_main:
-            self._lock.enter_context(run_lock(self.run_dir))
-        try:
-            self._resume()
-        except BaseException:
-            self._lock.close()
-            raise
+        with run_lock(self.run_dir) if env.is_main else contextlib.nullcontext():
+            self._resume()  # may set a best checkpoint aside: not while another training of this run goes on
         self._val_on = self._has_val()
         if env.distributed:  # rank 0 decides, so that every rank takes part in the same collectives
             flag = [self._val_on]
@@ -695,10 +691,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Space:
         """Train to ``max_steps`` (steps 0..max_steps, as the original) and return the (unwrapped) model."""
-        try:
+        with run_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext():
             return self._fit()
-        finally:
-            self._lock.close()
 
     def _fit(self) -> Space:
         cfg, env = self.cfg, self.env

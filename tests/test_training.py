@@ -393,15 +393,19 @@ def test_a_run_trains_in_one_process_at_a_time(tmp_path):
     Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 1}), RandomImages(), tmp_path / "run",
             progress=False).fit()  # once the other has ended
     assert find_checkpoints(tmp_path / "run")
-    # held from before the resume (which may set a best checkpoint aside) to the end of fit
-    first = Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), RandomImages(),
-                    tmp_path / "run", progress=False)
+    # held while resuming (which may set a best checkpoint aside) and while fitting, and only then:
+    # a Trainer built and never fitted, or whose construction failed, keeps no other from its run
+    make = lambda: Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}),  # noqa: E731
+                           RandomImages(), tmp_path / "run", progress=False)
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(TrainingError, match="another training of this run is in progress"):
+            make()
+    first = make()
+    second = make()
     with pytest.raises(TrainingError, match="another training of this run is in progress"):
-        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), RandomImages(),
-                tmp_path / "run", progress=False)
-    first.fit()
-    Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 2}), RandomImages(), tmp_path / "run",
-            progress=False).fit()
+        with run_lock(tmp_path / "run"):
+            first.fit()
+    second.fit()
 
 
 def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch, caplog):
