@@ -51,7 +51,7 @@ def remove_stale(folder: Path, prefix: str, rest: str) -> list[Path]:
     leaves them; returns those removed. What cannot be removed is left."""
     pattern = re.compile(re.escape(prefix) + r"(\d{1,9})" + rest)
     removed = []
-    for entry in folder.glob(f"{glob_escape(prefix)}[0-9]*"):
+    for entry in folder.iterdir():
         match = pattern.fullmatch(entry.name)
         if match and int(match.group(1)) != os.getpid() and not _running(int(match.group(1))):
             try:
@@ -60,11 +60,6 @@ def remove_stale(folder: Path, prefix: str, rest: str) -> list[Path]:
                 continue
             removed.append(entry)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    """``name`` with glob's special characters taken literally."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _running(pid: int) -> bool:
