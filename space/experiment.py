@@ -18,7 +18,6 @@ Layout of params.yaml::
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import Any, Mapping
 
 from torch.utils.data import Dataset
 
-from .io import write_json
+from .io import lock_exclusive, write_json
 from .config import GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number, load_params
 from .data.ale import GAME_MARKER
 from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
@@ -305,7 +304,10 @@ def ensure_data(exp: Experiment) -> None:
             f"tracks; give data.root as an absolute path, or run `dvc exp run` without --queue/--temp")
     # Under torchrun every process comes here: one makes the data while the others wait for it.
     with open(manifest.with_name(f".{manifest.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        why_not = lock_exclusive(lock)
+        if why_not is not None:
+            log.warning("%s cannot be locked (%s): under torchrun, several processes may make the data at once",
+                        lock.name, why_not)
         if root.is_dir():
             return  # made by another process meanwhile
         log.warning("%s is missing though %s is there (a copy of the repository, as `dvc exp run --queue` makes): "

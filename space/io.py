@@ -7,14 +7,25 @@ id; the next write of the same file removes those of processes no longer running
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the locks below are then not taken (and say so)
+    fcntl = None
+
+#: Whether process ids can be probed with os.kill(pid, 0). On Windows signal 0 is CTRL_C_EVENT,
+#: which os.kill sends to the process group: temporaries are never taken for stale there.
+_POSIX = os.name == "posix"
 
 
 @contextlib.contextmanager
@@ -63,6 +74,8 @@ def remove_stale(folder: Path, prefix: str, rest: str) -> list[Path]:
 
 
 def _running(pid: int) -> bool:
+    if not _POSIX:
+        return True  # cannot tell without side effects: leave the file (git and DVC ignore it)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -70,6 +83,30 @@ def _running(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):  # another user's; no process id
         return True
     return True
+
+
+def lock_exclusive(file: IO, blocking: bool = True) -> str | None:
+    """Lock the open ``file`` for this process alone (``flock``; the lock goes when the process ends
+    or ``unlock`` is called). Returns None once locked, or why it cannot be (no ``flock`` on this
+    platform, or a file system without it, such as Lustre mounted without ``-o flock``), leaving it
+    unlocked. Raises BlockingIOError where ``blocking`` is false and another process holds it."""
+    if fcntl is None:
+        return f"no flock on {sys.platform}"
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        return err.strerror or str(err)
+    return None
+
+
+def unlock(file: IO) -> None:
+    """Release what :func:`lock_exclusive` took."""
+    if fcntl is not None:
+        fcntl.flock(file, fcntl.LOCK_UN)
 
 
 def set_default_mode(path: str | Path) -> None:

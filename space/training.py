@@ -43,8 +43,6 @@ sampling noise (latents at their means), which makes runs comparable across proc
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -69,7 +67,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_weights, read_checkpoint, save_checkpoint
 from .config import BEST_METRICS, GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, to_dict
 from .evaluation import RESEED_REMEDY, evaluate, resolve_device
-from .io import write_json, write_text
+from .io import lock_exclusive, unlock, write_json, write_text
 from .model import Space, SpaceOutput, build_optimizers
 from .schedules import Priors, bg_lr_at, fg_lr_at, priors_at
 
@@ -94,17 +92,14 @@ def run_lock(run_dir: Path):
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".lock", "a+") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            why_not = lock_exclusive(lock, blocking=False)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "a process"
             raise TrainingError(f"another training of this run is in progress ({holder}), writing to {run_dir}: "
                                 f"let it end or stop it, then run again") from None
-        except OSError as err:  # a file system without flock (Lustre without -o flock, say)
-            if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            log.warning("%s cannot be locked (%s): nothing stops two trainings of this run at once", run_dir,
-                        err.strerror)
+        if why_not is not None:
+            log.warning("%s cannot be locked (%s): nothing stops two trainings of this run at once", run_dir, why_not)
             yield
             return
         lock.seek(0)
@@ -114,7 +109,7 @@ def run_lock(run_dir: Path):
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            unlock(lock)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,7 @@
 """Atomic writes: a failure mid-write (an exception, a full disk) leaves the previous file intact."""
 import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +132,36 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     write_json(tmp_path / "rooms.json", {"ap_50": 0.5})
     assert not left.exists() and alive.exists() and all(other.exists() for other in others)
     assert json.loads((tmp_path / "rooms.json").read_text()) == {"ap_50": 0.5}
+
+
+def test_where_process_ids_cannot_be_probed_temporaries_are_left(tmp_path, monkeypatch):
+    # On Windows os.kill(pid, 0) sends CTRL_C_EVENT to a process group (or fails with an OSError
+    # that is no ProcessLookupError): no probe there, so no temporary is taken for stale.
+    import subprocess
+    import sys
+
+    import space.io
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".rooms.json.{int(dead.stdout)}.x4j2w0s1.tmp"
+    left.write_text('{"ap_')
+    monkeypatch.setattr(space.io, "_POSIX", False)
+    monkeypatch.setattr(space.io.os, "kill", lambda *args: pytest.fail("os.kill called"))
+    write_json(tmp_path / "rooms.json", {"ap_50": 0.5})
+    assert left.exists() and json.loads((tmp_path / "rooms.json").read_text()) == {"ap_50": 0.5}
+
+
+def test_the_package_and_stages_import_without_fcntl(tmp_path):
+    # Windows has no fcntl; the locks are then not taken (see test_training's unlocked run).
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['fcntl'] = None\n"
+            "import space, space.training, space.experiment, space.io\n"
+            "import stages.data, stages.train, stages.evaluate, stages.demo, stages.export\n"
+            "print(space.io.lock_exclusive(open(sys.argv[1], 'w')))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / ".lock")],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"no flock on {sys.platform}"
 
 
 def test_an_unwritable_folder_is_named_not_a_temporary(tmp_path):

@@ -555,6 +555,31 @@ def test_generated_data_is_made_once_and_again_only_when_its_settings_change(tmp
         prepare_data(load_experiment(params, "3d_room_small"), progress=False)
 
 
+def test_generated_data_missing_in_a_copy_is_made_again_without_fcntl(tmp_path, monkeypatch, caplog):
+    # ensure_data locks the manifest while it makes the data (torchrun's processes all come there);
+    # where no lock can be taken (Windows, Lustre without flock) it makes them unlocked, and says so.
+    import shutil
+    import sys
+
+    import space.io
+    from space.experiment import data_fingerprint, ensure_data, prepare_data
+    from space.io import write_json
+
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["exp"]["rooms"]["data"].update(root="data/r", num_train=2, num_val=1, num_test=1)
+    exp = load_experiment(params, "rooms")
+    prepare_data(exp, progress=False)
+    write_json("data/manifests/rooms.json", {"content": data_fingerprint(exp, progress=False)})
+    shutil.rmtree("data/r")  # as in a copy holding what git tracks
+    monkeypatch.setattr(space.io, "fcntl", None)
+    with caplog.at_level("WARNING"):
+        ensure_data(exp)
+    assert f"cannot be locked (no flock on {sys.platform}): under torchrun" in caplog.text
+    assert "data/r is missing though data/manifests/rooms.json is there" in caplog.text
+    assert len(list((tmp_path / "data/r/train").glob("*.png"))) == 2
+
+
 def test_two_experiments_generating_different_data_into_one_root_are_refused():
     from space.experiment import check_generated_root
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -421,3 +421,15 @@ def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch, capl
                 tmp_path / "run", progress=False).fit()
     assert "cannot be locked (Function not implemented): nothing stops two trainings of this run at once" in caplog.text
     assert find_checkpoints(tmp_path / "run")
+
+
+def test_a_platform_without_fcntl_trains_unlocked(tmp_path, monkeypatch, caplog):
+    import sys
+
+    import space.io
+    monkeypatch.setattr(space.io, "fcntl", None)  # Windows
+    with caplog.at_level("WARNING"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**TINY_TRAIN, "max_steps": 1}), RandomImages(),
+                tmp_path / "run", progress=False).fit()
+    assert f"cannot be locked (no flock on {sys.platform}): nothing stops two trainings" in caplog.text
+    assert find_checkpoints(tmp_path / "run")
