@@ -378,15 +378,68 @@ def _run_blocks_checkpointed(blocks: list[list[nn.Module]], h: torch.Tensor) -> 
 
 
 def _run_block(layers: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
-    """Layers in order; an ELU right after a BatchNorm runs in place on its fresh output."""
+    """Layers in order; an ELU right after a BatchNorm runs in place on its fresh output; a
+    BatchNorm training on a channels_last CPU tensor takes its backward in NCHW (:func:`batch_norm_cl`)."""
     previous: nn.Module | None = None
     for layer in layers:
         if isinstance(layer, nn.ELU) and isinstance(previous, nn.modules.batchnorm._BatchNorm):
             h = F.elu(h, layer.alpha, inplace=True)  # h is BatchNorm's fresh output, unused elsewhere
+        elif type(layer) is nn.BatchNorm2d and _nchw_backward_pays(layer, h):
+            h = batch_norm_cl(layer, h)
         else:
             h = layer(h)
         previous = layer
     return h
+
+
+def _nchw_backward_pays(layer: nn.BatchNorm2d, h: torch.Tensor) -> bool:
+    """Whether :func:`batch_norm_cl` is faster than ``layer(h)``: torch's CPU BatchNorm backward in
+    channels_last is fast where the channel count is a multiple of 16 and 3-20 times slower
+    otherwise (torch 2.13, AVX2 and AVX-512 kernels alike: for a (48, C, 66, 66) map on two threads,
+    C = 8 17.5 ms, 16 1.7 ms, 24 20-30 ms, 32 6.2 ms, against 3-6, 7, 10-11 and 19-22 ms through
+    NCHW copies). The original experiments' 32-channel decoders keep torch's; the default's 8 do not."""
+    return (layer.training and torch.is_grad_enabled() and h.device.type == "cpu"
+            and h.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu") and h.dim() == 4 and h.shape[1] % 16 != 0
+            and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last))
+
+
+def batch_norm_cl(layer: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a BatchNorm2d in train mode and a channels_last CPU tensor ``x``: the same
+    forward (torch's own kernel, the same running-statistics update), with the backward computed
+    in NCHW copies, where that is faster (:func:`_nchw_backward_pays`): for the default experiment's
+    8-channel component decoder torch's channels_last backward was 16 % of the training step, and
+    the step is about 12 % shorter this way. The gradients are the same up to float rounding (the
+    kernels sum in another order)."""
+    factor = 0.0 if layer.momentum is None else layer.momentum  # as nn.BatchNorm2d.forward
+    if layer.track_running_stats and layer.num_batches_tracked is not None:
+        layer.num_batches_tracked.add_(1)
+        if layer.momentum is None:
+            factor = 1.0 / float(layer.num_batches_tracked)
+    return _BatchNormNCHWBackward.apply(x, layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                                        factor, layer.eps)
+
+
+class _BatchNormNCHWBackward(torch.autograd.Function):
+    """Train-mode BatchNorm: forward by ``torch.native_batch_norm`` on the input as it is, backward
+    by ``native_batch_norm_backward`` on NCHW copies; the input's gradient in the input's format."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                weight is not None and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x.contiguous(), weight, None, None, mean, invstd, True, ctx.eps, need)
+        if dx is not None:
+            dx = dx.contiguous(memory_format=torch.channels_last)
+        return dx, dw, db, None, None, None, None
 
 
 def _recompute_safe(fn, layers: list[nn.Module]):

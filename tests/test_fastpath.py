@@ -186,12 +186,15 @@ def test_compose_non_finite_boxes_give_what_the_reference_gives():
         assert torch.equal(torch.isnan(f), torch.isnan(r))
 
 
-@pytest.mark.parametrize("train,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float64)])
-def test_spatial_broadcast_decode_matches_comp_decoder(train, dtype):
-    """float32 to 1e-5, float64 to 1e-9 (the same function), outputs, gradients, running stats."""
+@pytest.mark.parametrize("train,dtype,bg_width", [(True, torch.float32, 1.0), (False, torch.float32, 1.0),
+                                                  (True, torch.float64, 1.0), (True, torch.float32, 0.25),
+                                                  (True, torch.float64, 0.25)])
+def test_spatial_broadcast_decode_matches_comp_decoder(train, dtype, bg_width):
+    """float32 to 1e-5, float64 to 1e-9 (the same function), outputs, gradients, running stats;
+    32 channels (torch's channels_last BatchNorm) and 8 (its backward through NCHW copies)."""
     torch.manual_seed(0)
     tol = RTOL if dtype == torch.float32 else 1e-9
-    cfg = reference_config(image_size=32, G=4)
+    cfg = dataclasses.replace(reference_config(image_size=32, G=4), bg_width=bg_width)
     ref_module = CompDecoder(cfg).train(train).to(dtype)
     for m in ref_module.modules():  # non-trivial running statistics for eval mode
         if isinstance(m, nn.BatchNorm2d):
@@ -218,6 +221,36 @@ def test_spatial_broadcast_decode_matches_comp_decoder(train, dtype):
         assert_close(f, r, f"d/d{name}", rtol=tol, atol_scale=tol)
     for (name, a), b in zip(ref_module.named_buffers(), fast_module.buffers()):  # running stats updated alike
         assert_close(b.double(), a.double(), name, rtol=tol, atol_scale=tol)
+
+
+@pytest.mark.parametrize("channels,momentum", [(8, 0.1), (4, None), (24, 0.0)])
+def test_batch_norm_with_an_nchw_backward_is_batch_norm(channels, momentum):
+    # The same forward kernel: outputs and running statistics bit for bit; gradients to rounding.
+    from space.fastpath import _nchw_backward_pays, batch_norm_cl
+    torch.manual_seed(channels)
+    ref = nn.BatchNorm2d(channels, momentum=momentum)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2.0), ref.bias.uniform_(-1, 1)
+        ref.running_mean.uniform_(-0.5, 0.5), ref.running_var.uniform_(0.5, 2.0)
+    ref.num_batches_tracked.fill_(3)
+    layer = copy.deepcopy(ref)
+    x = (torch.randn(6, channels, 12, 10) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    wide = torch.zeros(6, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    assert _nchw_backward_pays(layer, x) and not _nchw_backward_pays(nn.BatchNorm2d(16), wide)  # torch's is fast
+    out, expected = batch_norm_cl(layer, x), ref(x)
+    assert torch.equal(out, expected)
+    for a, b in zip(layer.buffers(), ref.buffers()):
+        assert torch.equal(a, b)
+    assert layer.num_batches_tracked.item() == 4
+    cotangent = torch.randn(out.shape)
+    grads = torch.autograd.grad((out * cotangent).sum(), [x, layer.weight, layer.bias])
+    ref_grads = torch.autograd.grad((expected * cotangent).sum(), [x, ref.weight, ref.bias])
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    for name, f, r in zip(("x", "weight", "bias"), grads, ref_grads):
+        assert_close(f, r, f"d/d{name}")
+    with torch.no_grad():
+        assert not _nchw_backward_pays(layer, x)  # no backward to speed up
+    assert not _nchw_backward_pays(layer.eval(), x) and not _nchw_backward_pays(layer.train(), x.contiguous())
 
 
 def test_spatial_broadcast_decode_without_channels_last_and_without_grad():
