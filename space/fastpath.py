@@ -394,13 +394,15 @@ def _run_block(layers: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
 
 def _nchw_backward_pays(layer: nn.BatchNorm2d, h: torch.Tensor) -> bool:
     """Whether :func:`batch_norm_cl` is faster than ``layer(h)``: torch's CPU BatchNorm backward in
-    channels_last is fast where the channel count is a multiple of 16 and 3-20 times slower
-    otherwise (torch 2.13, AVX2 and AVX-512 kernels alike: for a (48, C, 66, 66) map on two threads,
-    C = 8 17.5 ms, 16 1.7 ms, 24 20-30 ms, 32 6.2 ms, against 3-6, 7, 10-11 and 19-22 ms through
-    NCHW copies). The original experiments' 32-channel decoders keep torch's; the default's 8 do not."""
+    channels_last is fast where the channel count is a multiple of 16, and 2-10 times slower than
+    through NCHW copies otherwise (torch 2.13, its AVX2 and AVX-512 kernels alike; for a
+    (48, C, 66, 66) map on two threads, C = 8: 17.5 ms, 16: 1.7 ms, 24: 20-30 ms, 32: 6.2 ms, against
+    3-6, 7, 10-11 and 19-22 ms through NCHW copies). The original experiments' 32-channel decoders
+    keep torch's; the default's 8-channel one does not."""
     return (layer.training and torch.is_grad_enabled() and h.device.type == "cpu"
-            and h.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu") and h.dim() == 4 and h.shape[1] % 16 != 0
-            and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last))
+            and h.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+            and h.dim() == 4 and h.shape[1] % 16 != 0 and not h.is_contiguous()
+            and h.is_contiguous(memory_format=torch.channels_last))
 
 
 def batch_norm_cl(layer: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
