@@ -16,7 +16,8 @@ This module computes the same functions without those redundancies:
   over all N cells is rebuilt exactly from those sums (see the docstring for the algebra).
 * :func:`spatial_broadcast_decode`: the first convolution of the broadcast decoder splits into a
   matrix product with z and one convolution of the coordinate channels shared by all samples
-  (the rest runs in channels_last format, with in-place ELUs).
+  (the rest runs in channels_last format, with in-place ELUs; on CPU, its BatchNorms of a channel
+  count torch's channels_last backward is slow for take the backward in NCHW: :func:`batch_norm_cl`).
 * :func:`run_in_chunks`: the per-glimpse networks (z_what encoder, glimpse decoder) treat every
   glimpse independently, so they run on chunks of glimpses (faster on CPU: each chunk's memory
   comes from malloc's heap instead of fresh pages), checkpointed under ``model.low_memory``: at
@@ -410,7 +411,7 @@ def batch_norm_cl(layer: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     forward (torch's own kernel, the same running-statistics update), with the backward computed
     in NCHW copies, where that is faster (:func:`_nchw_backward_pays`): for the default experiment's
     8-channel component decoder torch's channels_last backward was 16 % of the training step, and
-    the step is about 12 % shorter this way. The gradients are the same up to float rounding (the
+    the step is 12-15 % shorter this way. The gradients are the same up to float rounding (the
     kernels sum in another order)."""
     factor = 0.0 if layer.momentum is None else layer.momentum  # as nn.BatchNorm2d.forward
     if layer.track_running_stats and layer.num_batches_tracked is not None:
