@@ -411,7 +411,7 @@ def batch_norm_cl(layer: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     forward (torch's own kernel, the same running-statistics update), with the backward computed
     in NCHW copies, where that is faster (:func:`_nchw_backward_pays`): for the default experiment's
     8-channel component decoder torch's channels_last backward was 16 % of the training step, and
-    the step is 12-15 % shorter this way. The gradients are the same up to float rounding (the
+    the step is 11-15 % shorter this way. The gradients are the same up to float rounding (the
     kernels sum in another order)."""
     factor = 0.0 if layer.momentum is None else layer.momentum  # as nn.BatchNorm2d.forward
     if layer.track_running_stats and layer.num_batches_tracked is not None:
