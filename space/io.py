@@ -94,9 +94,7 @@ def lock_exclusive(file: IO, blocking: bool = True) -> str | None:
         return f"no flock on {sys.platform}"
     try:
         fcntl.flock(file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        raise
-    except OSError as err:
+    except OSError as err:  # BlockingIOError (EWOULDBLOCK) is not among these: raised
         if err.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
             raise
         return err.strerror or str(err)
