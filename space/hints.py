@@ -9,7 +9,8 @@ from the object sizes and counts; without boxes they cannot be known and we say 
 Command line::
 
     python -m space.hints --experiment rooms                  # the boxes of its splits
-    python -m space.hints --boxes 12,20,14,16 40,8,10,12 --image-size 128
+    python -m space.hints --boxes 12,20,14,16 40,8,10,12 --image-size 128   # two objects in one image
+    python -m space.hints --boxes 12,20,14,16 40,8,10,12 --boxes 90,60,12,12 --image-size 128  # two images
     python -m space.hints --boxes 400,300,90,120 --image-size 1000 --model-size 128
 """
 from __future__ import annotations
@@ -101,7 +102,7 @@ def suggest(boxes_per_image: Sequence[np.ndarray] | None, image_size: int) -> Hi
         "z_pres_end_value": 0.01,
     }
     hints.reasons += [
-        f"{len(all_boxes)} boxes in {len(boxes_per_image)} images; median object side {size:.3f} of the image "
+        f"{len(all_boxes)} boxes in {len(boxes_per_image)} image{'s' if len(boxes_per_image) != 1 else ''}; median object side {size:.3f} of the image "
         f"({size * image_size:.1f} px at {image_size} px); sigmoid(z_scale_mean_end_value) = {size:.3f}",
         f"the size prior starts at about {START_SCALE_FACTOR:g}x the object size and anneals down, as the originals do",
         "treat the end value as an upper end: while the boundary loss is on, boxes come out larger than their "
@@ -116,17 +117,21 @@ def suggest(boxes_per_image: Sequence[np.ndarray] | None, image_size: int) -> Hi
     return hints
 
 
-def _boxes_from_pixels(specs: Sequence[str], image_size: int) -> list[np.ndarray]:
-    boxes = []
-    for spec in specs:
-        try:
-            cx, cy, w, h = (float(v) / image_size for v in spec.split(","))
-        except ValueError as error:
-            raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels") from error
-        if not np.isfinite([cx, cy, w, h]).all() or w <= 0 or h <= 0:
-            raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels, finite, with width and height > 0")
-        boxes.append(np.array([[cy - h / 2, cy + h / 2, cx - w / 2, cx + w / 2]]))
-    return boxes
+def _boxes_from_pixels(groups: Sequence[Sequence[str]], image_size: int) -> list[np.ndarray]:
+    """Per image (one ``--boxes`` group each), its boxes as normalised [y_min, y_max, x_min, x_max]."""
+    images = []
+    for specs in groups:
+        boxes = []
+        for spec in specs:
+            try:
+                cx, cy, w, h = (float(v) / image_size for v in spec.split(","))
+            except ValueError as error:
+                raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels") from error
+            if not np.isfinite([cx, cy, w, h]).all() or w <= 0 or h <= 0:
+                raise ValueError(f"bad box {spec!r}: expected cx,cy,w,h in pixels, finite, with width and height > 0")
+            boxes.append([cy - h / 2, cy + h / 2, cx - w / 2, cx + w / 2])
+        images.append(np.array(boxes))
+    return images
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -135,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--split", default="all", choices=["all", "train", "val", "test"],
                         help="whose boxes to read with --experiment (default: every split that has them)")
-    parser.add_argument("--boxes", nargs="*", help="boxes you measured, each cx,cy,w,h in pixels")
+    parser.add_argument("--boxes", nargs="+", action="append", metavar="CX,CY,W,H",
+                        help="the boxes you measured on one image, each cx,cy,w,h in pixels; give --boxes "
+                        "again for each further image (the objects per image set G and the presence prior)")
     parser.add_argument("--image-size", type=int, default=128, help="image side the --boxes are in")
     parser.add_argument("--model-size", type=int, help="the model's image_size, if not --image-size "
                         "(boxes measured on a 1000-pixel photo: --image-size 1000 --model-size 128)")

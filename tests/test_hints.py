@@ -33,6 +33,16 @@ def test_command_line_with_measured_boxes(capsys):
     assert "z_scale_mean_end_value: -1.95" in out  # logit(16 / 128) = -1.946
 
 
+def test_each_boxes_group_is_one_image(capsys):
+    # before: every box counted as an image of its own ("2 boxes in 2 images", 1.00 objects per image)
+    main(["--boxes", "20,20,16,16", "80,60,16,16", "--image-size", "128"])
+    out = capsys.readouterr().out
+    assert "2 boxes in 1 image;" in out and "2.00 objects per image (2-2)" in out
+    main(["--boxes", "20,20,16,16", "80,60,16,16", "--boxes", "40,100,16,16", "--image-size", "128"])
+    out = capsys.readouterr().out
+    assert "3 boxes in 2 images" in out and "1.50 objects per image (1-2)" in out
+
+
 def test_boxes_measured_on_a_photo_give_the_same_hints_at_the_models_size(capsys):
     main(["--boxes", "156.25,156.25,125,125", "625,468.75,125,125", "--image-size", "1000", "--model-size", "128"])
     assert "z_scale_mean_end_value: -1.95" in capsys.readouterr().out  # the boxes above, scaled by 1000 / 128
