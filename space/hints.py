@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="whose boxes to read with --experiment (default: every split that has them)")
     parser.add_argument("--boxes", nargs="+", action="append", metavar="CX,CY,W,H",
                         help="the boxes you measured on one image, each cx,cy,w,h in pixels; give --boxes "
-                        "again for each further image (the objects per image set G and the presence prior)")
+                        "again for each further image (which objects share an image enters G and the presence prior)")
     parser.add_argument("--image-size", type=int, default=128, help="image side the --boxes are in")
     parser.add_argument("--model-size", type=int, help="the model's image_size, if not --image-size "
                         "(boxes measured on a 1000-pixel photo: --image-size 1000 --model-size 128)")
