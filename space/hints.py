@@ -101,8 +101,9 @@ def suggest(boxes_per_image: Sequence[np.ndarray] | None, image_size: int) -> Hi
         "z_pres_start_value": round(min(0.5, max(0.1, 2 * density)), 3),
         "z_pres_end_value": 0.01,
     }
+    images = f"{len(boxes_per_image)} image" + ("s" if len(boxes_per_image) != 1 else "")
     hints.reasons += [
-        f"{len(all_boxes)} boxes in {len(boxes_per_image)} image{'s' if len(boxes_per_image) != 1 else ''}; median object side {size:.3f} of the image "
+        f"{len(all_boxes)} boxes in {images}; median object side {size:.3f} of the image "
         f"({size * image_size:.1f} px at {image_size} px); sigmoid(z_scale_mean_end_value) = {size:.3f}",
         f"the size prior starts at about {START_SCALE_FACTOR:g}x the object size and anneals down, as the originals do",
         "treat the end value as an upper end: while the boundary loss is on, boxes come out larger than their "
