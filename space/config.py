@@ -198,6 +198,10 @@ class TrainConfig:
     cpu_allocator: str = "heap"  # on CPU, keep freed memory in the process (space/allocator.py); or 'default'
     flush_denormal: bool = False  # on CPU, flush denormal floats to zero (space/allocator.py; changes values slightly)
     latent_mode: str = "sample"  # the original's; 'deterministic' takes latents at their means (no noise)
+    # The original's resume_ckpt: a run with no checkpoint of its own starts from this file's weights
+    # (one of the original's .pth files, or ours); where the file also holds both optimisers' states
+    # and its global_step, those too, and training goes on at that step + 1 (space/training.py).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -238,6 +242,8 @@ class TrainConfig:
             _bad("train.val_mse_num_images", self.val_mse_num_images, "an integer >= 1, or null (the MSE of the AP pass)")
         if self.max_steps < 0:
             _bad("train.max_steps", self.max_steps, "an integer >= 0")
+        if self.init_from is not None and not self.init_from.strip():
+            _bad("train.init_from", self.init_from, "a checkpoint's path, or null (train from the seeded weights)")
         if self.num_workers < 0:
             _bad("train.num_workers", self.num_workers, "an integer >= 0")
         if self.nproc_per_node < 1:

@@ -387,6 +387,18 @@ _MODEL_KEYS_BEYOND_ORIGINAL = {"z_what_kl_warmup_steps": 0, "z_what_kl_warmup_st
 _DEFAULT_TRAIN = TrainConfig()
 
 
+def file_digest(path: str | Path, key: str) -> str:
+    """SHA-1 of a file's bytes (hex, 16 digits); ``key`` names the setting that gave the path."""
+    digest = hashlib.sha1()
+    try:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise TrainingError(f"{key}: cannot read {path}: {error.strerror or error}") from None
+    return digest.hexdigest()[:16]
+
+
 def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, Any] | None = None,
            world_size: int = 1) -> str:
     """A short hash of what defines a run's trajectory (not its length or logging intervals), so
@@ -413,6 +425,8 @@ def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Mapping[str, An
         train["lr_decay"] = [train_cfg.lr_decay_start, train_cfg.lr_decay_factor, train_cfg.max_steps]
     if train_cfg.amp != "none":
         train["amp"] = train_cfg.amp
+    if train_cfg.init_from:  # by content: another file at the same path is another run
+        train["init_from"] = file_digest(train_cfg.init_from, "train.init_from")
     # Validation draws from torch's generator (its data loader's seed, and its samples in 'sample'
     # mode), which training then goes on from: how often and how it runs shapes the trajectory.
     validation = {"eval_on": train_cfg.eval_on}
@@ -482,6 +496,26 @@ class _Position:
         return self.epoch - 1 if self.batch == 0 and self.epoch > 0 else self.epoch
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], source: str, configured: str,
+                           name: str) -> None:
+    """Refuse an optimiser state of another kind than ``optimizer`` (torch would load it, and fail
+    or misbehave at the first step), or of other parameters."""
+    probe = torch.zeros(1, requires_grad=True)
+    probe.grad = torch.zeros(1)
+    fresh = type(optimizer)([probe], **optimizer.defaults)
+    fresh.step()
+    expected = set(fresh.state[probe])
+    for index, held in state.get("state", {}).items():
+        if set(held) != expected:
+            raise CheckpointError(f"{source} holds {sorted(held)} for parameter {index}, where train.{name}_optim = "
+                                  f"{configured} keeps {sorted(expected)}: set train.{name}_optim (and its learning "
+                                  f"rate) to what the file was trained with")
+    groups = state.get("param_groups", [])
+    sizes, ours = [len(group.get("params", ())) for group in groups], [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != ours:
+        raise CheckpointError(f"{source} holds parameter groups of {sizes} parameters, this model's {ours}")
+
+
 class Trainer:
     """Trains one experiment; re-running it resumes from the last checkpoint in ``run_dir``.
 
@@ -533,6 +567,7 @@ class Trainer:
         self.losses: deque[float] = deque(maxlen=20)  # the original logs the median of the last 20
         self.best: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
+        self.initialised_from: Path | None = None  # train.init_from, when this run started from it
         self.last_saved: int | None = None  # step of the newest checkpoint of this run
         with run_lock(self.run_dir) if env.is_main else contextlib.nullcontext():
             self._resume()  # may set a best checkpoint aside: not while another training of this run goes on
@@ -592,6 +627,8 @@ class Trainer:
             if found is not None and not env.is_main:
                 load_weights(self.model, found[1], found[0])
         if found is None:
+            if self.cfg.init_from:
+                self._start_from(self.cfg.init_from)
             return
         path, ckpt = Path(found[0]), found[1]
         self.optimizers[0].load_state_dict(ckpt["optimizer_fg"])
@@ -612,6 +649,44 @@ class Trainer:
         self.resumed_from = path
         self.last_saved = ckpt["global_step"]
         log.info("resumed from %s at step %d", path, self.position.step)
+
+    def _start_from(self, path: str) -> None:
+        """``train.init_from``, as the original's resume_ckpt (SPEC 8.4): the file's weights, and where
+        it holds both optimisers' states and its global_step, those too, going on at that step + 1
+        from the start of its epoch ('epoch', as the original) in this run's data order. A file with
+        weights alone (the published pretrained ones may be such) starts fresh optimisers at step 0,
+        where the schedules start too. Rank 0 reads the file; under DDP every rank loads its copy."""
+        env = self.env
+        ckpt = read_checkpoint(path) if env.is_main else None
+        if env.distributed:
+            box = [ckpt]
+            dist.broadcast_object_list(box, src=0)
+            ckpt = box[0]
+        try:
+            load_weights(self.model, ckpt, path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}\n  train.init_from: the model settings of this experiment must be those "
+                                  f"the file was trained with") from None
+        states = ckpt.get("optimizer_fg"), ckpt.get("optimizer_bg")
+        step = ckpt.get("global_step")
+        self.initialised_from = Path(path)
+        if not (all(isinstance(state, dict) for state in states) and isinstance(step, int)):
+            if env.is_main:
+                log.info("train.init_from: the weights of %s, with fresh optimisers from step 0 (it holds no "
+                         "optimiser states and global_step to go on from)", path)
+            return
+        if step + 1 > self.cfg.max_steps:
+            raise TrainingError(f"train.init_from: {path} was saved at step {step}, and train.max_steps is "
+                                f"{self.cfg.max_steps}: raise max_steps to train on from it")
+        for optimizer, state, name in zip(self.optimizers, states, ("fg", "bg")):
+            _check_optimizer_state(optimizer, state, f"{path}: optimizer_{name}",
+                                   getattr(self.cfg, f"{name}_optim"), name)
+            optimizer.load_state_dict(state)
+        epoch = ckpt.get("epoch")
+        self.position = _Position(step + 1, epoch if isinstance(epoch, int) and epoch >= 0 else 0, 0)
+        if env.is_main:
+            log.info("train.init_from: the weights and optimiser states of %s, going on at step %d (epoch %d)",
+                     path, self.position.step, self.position.epoch)
 
     def _restore_rng(self, resume: Mapping[str, Any], step: int) -> None:
         env = self.env

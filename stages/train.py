@@ -93,6 +93,10 @@ def main(args):
     exp = load_experiment(args.params, args.experiment)
     out, curves = Path(f"models/{exp.name}.pth"), Path(f"plots/train/{exp.name}.csv")
     env = dist_env()
+    if exp.pretrained and exp.train.init_from:
+        raise ValueError(f"exp.{exp.name}.pretrained ({exp.pretrained}) and train.init_from ({exp.train.init_from}) are "
+                         f"both set: pretrained evaluates a file without training, init_from trains on from one; "
+                         f"set one of them")
     if exp.pretrained:  # evaluate and demo a published checkpoint without training
         if env.is_main:
             model = import_pretrained(exp)

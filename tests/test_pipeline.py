@@ -146,6 +146,30 @@ def test_a_pretrained_file_that_does_not_fit_the_experiment_is_named(tmp_path):
             "3)") in result.stderr
 
 
+def test_train_init_from_goes_on_from_an_original_checkpoint(tmp_path):
+    """The top-level train.init_from (what `dvc exp run -S train.init_from=...` sets, the original's
+    resume_ckpt): the train stage goes on from the file's step in a run folder of its own; with
+    `pretrained` set as well it refuses, naming both."""
+    params_path = smoke_params("3d_room_small", tmp_path)
+    (tmp_path / "pretrained").mkdir()
+    synthesise_original("3d_room_small", tmp_path / "pretrained" / "3d_room_small.pth")  # global_step 8000, epoch 3
+    params = yaml.safe_load(params_path.read_text())
+    params["train"]["init_from"] = "pretrained/3d_room_small.pth"
+    params["exp"]["3d_room_small"]["train"].update(max_steps=8001, eval_on=False)
+    params_path.write_text(yaml.safe_dump(params))
+    for stage in ("data", "train"):
+        result = run_stage(stage, "3d_room_small", tmp_path, params_path)
+        assert result.returncode == 0, f"{stage}: {result.stderr[-3000:]}"
+    assert "pretrained/3d_room_small.pth, going on at step 8001 (epoch 3)" in result.stderr
+    (run,) = (tmp_path / "checkpoints" / "3d_room_small").iterdir()
+    assert [path.name for path in run.glob("model_*.pth")] == ["model_000008002.pth"]
+    params["exp"]["3d_room_small"]["pretrained"] = "pretrained/3d_room_small.pth"
+    params_path.write_text(yaml.safe_dump(params))
+    result = run_stage("train", "3d_room_small", tmp_path, params_path)
+    assert result.returncode == 1
+    assert "exp.3d_room_small.pretrained (pretrained/3d_room_small.pth) and train.init_from" in result.stderr
+
+
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)
 def test_params_hold_the_originals_values(name):
     exp = load_experiment(PARAMS, name)

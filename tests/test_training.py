@@ -433,3 +433,113 @@ def test_a_platform_without_fcntl_trains_unlocked(tmp_path, monkeypatch, caplog)
                 tmp_path / "run", progress=False).fit()
     assert f"cannot be locked (no flock on {sys.platform}): nothing stops two trainings" in caplog.text
     assert find_checkpoints(tmp_path / "run")
+
+
+def _original_style_checkpoint(path, steps=2, global_step=6, epoch=1):
+    """A file as the original writes them (SPEC 11.1): PyTorch's legacy format, an RMSprop
+    foreground and Adam background state with integer 'step's and torch 1.3's param-group keys."""
+    import space
+
+    torch.manual_seed(5)
+    model = space.Space(ModelConfig(**TINY_MODEL))
+    fg = torch.optim.RMSprop(model.fg_module.parameters(), lr=1e-5)
+    bg = torch.optim.Adam(model.bg_module.parameters(), lr=1e-3)
+    priors = priors_at(model.cfg, 0)
+    for _ in range(steps):
+        fg.zero_grad()
+        bg.zero_grad()
+        model(torch.rand(2, 3, 32, 32), priors).loss.backward()
+        fg.step()
+        bg.step()
+    old_keys = {"RMSprop": {"lr", "alpha", "eps", "weight_decay", "momentum", "centered"},
+                "Adam": {"lr", "betas", "eps", "weight_decay", "amsgrad"}}
+    states = []
+    for optimizer in (fg, bg):
+        state = optimizer.state_dict()
+        state["state"] = {i: {k: int(v) if k == "step" else v.clone() for k, v in s.items()}
+                          for i, s in state["state"].items()}
+        keep = old_keys[type(optimizer).__name__] | {"params"}
+        state["param_groups"] = [{k: v for k, v in g.items() if k in keep} for g in state["param_groups"]]
+        states.append(state)
+    torch.save({"model": model.state_dict(), "optimizer_fg": states[0], "optimizer_bg": states[1], "epoch": epoch,
+                "global_step": global_step}, path, _use_new_zipfile_serialization=False)
+    return model, states
+
+
+def test_init_from_an_original_checkpoint_goes_on_at_its_step_with_its_optimiser_states(tmp_path, caplog):
+    """train.init_from, the original's resume_ckpt (SPEC 8.4): weights and both optimisers' states,
+    then training goes on at global_step + 1 from the start of the file's epoch."""
+    source = tmp_path / "original.pth"
+    model, states = _original_style_checkpoint(source)
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 9, "fg_optim": "RMSprop", "fg_lr": 1e-5,
+                         "init_from": str(source)})
+    with caplog.at_level("INFO", logger="space.training"):
+        trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "run", progress=False)
+    assert "going on at step 7 (epoch 1)" in caplog.text
+    assert (trainer.position.step, trainer.position.epoch, trainer.position.batch) == (7, 1, 0)
+    assert trainer.initialised_from == source and trainer.resumed_from is None
+    mine = trainer.model.state_dict()
+    assert all(torch.equal(mine[key], value) for key, value in model.state_dict().items())
+    for optimizer, state in zip(trainer.optimizers, states):
+        loaded = optimizer.state_dict()["state"]
+        assert set(loaded) == set(state["state"]) and len(loaded) > 100
+        for index, held in state["state"].items():
+            assert int(loaded[index]["step"]) == held["step"] == 2
+            assert all(torch.equal(loaded[index][k], v) for k, v in held.items() if k != "step")
+    trainer.fit()
+    assert [path.name for path in find_checkpoints(tmp_path / "run")][-1] == "model_000000010.pth"
+    rows = pd.read_csv(tmp_path / "run" / "plot.csv") if (tmp_path / "run" / "plot.csv").exists() else None
+    assert rows is None or rows["step"].min() >= 7
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # The run has checkpoints of its own now: a re-run resumes from them, not from the file.
+    again = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "run", progress=False)
+    assert again.resumed_from is not None and again.initialised_from is None and again.position.step == 10
+
+
+def test_init_from_weights_alone_starts_fresh_optimisers_at_step_0(tmp_path, caplog):
+    import space
+
+    other = space.Space(ModelConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for value in other.parameters():
+            value.add_(0.5)
+    torch.save({"model": other.state_dict()}, tmp_path / "weights.pth", _use_new_zipfile_serialization=False)
+    cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 2, "init_from": str(tmp_path / "weights.pth")})
+    with caplog.at_level("INFO", logger="space.training"):
+        trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "run", progress=False)
+    assert "with fresh optimisers from step 0" in caplog.text
+    assert trainer.position.step == 0 and not any(opt.state for opt in trainer.optimizers)
+    mine = trainer.model.state_dict()
+    assert all(torch.equal(mine[key], value) for key, value in other.state_dict().items())
+
+
+def test_init_from_refuses_another_optimiser_a_passed_step_and_other_network_widths(tmp_path):
+    from space.checkpoint import CheckpointError
+
+    source = tmp_path / "original.pth"
+    _original_style_checkpoint(source, global_step=6)
+    base = {**TINY_TRAIN, "fg_optim": "RMSprop", "init_from": str(source)}
+    with pytest.raises(CheckpointError, match=r"optimizer_bg holds \['exp_avg', 'exp_avg_sq', 'step'\] .* "
+                                              r"train.bg_optim = RMSprop keeps \['square_avg', 'step'\]"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**base, "bg_optim": "RMSprop"}), RandomImages(),
+                tmp_path / "a", progress=False)
+    with pytest.raises(TrainingError, match="saved at step 6, and train.max_steps is 6: raise max_steps"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**base, "max_steps": 6}), RandomImages(), tmp_path / "b",
+                progress=False)
+    with pytest.raises(CheckpointError, match="train.init_from: the model settings of this experiment must be"):
+        Trainer(ModelConfig(**{**TINY_MODEL, "fg_width": 0.5}), TrainConfig(**base), RandomImages(), tmp_path / "c",
+                progress=False)
+
+
+def test_init_from_enters_the_run_id_by_the_file_content(tmp_path):
+    from space.training import run_id
+
+    model, plain = ModelConfig(**TINY_MODEL), TrainConfig(**TINY_TRAIN)
+    path = tmp_path / "init.pth"
+    path.write_bytes(b"one")
+    first = run_id(model, TrainConfig(**{**TINY_TRAIN, "init_from": str(path)}))
+    path.write_bytes(b"two")
+    second = run_id(model, TrainConfig(**{**TINY_TRAIN, "init_from": str(path)}))
+    assert len({run_id(model, plain), first, second}) == 3
+    with pytest.raises(TrainingError, match="train.init_from: cannot read .*missing.pth"):
+        run_id(model, TrainConfig(**{**TINY_TRAIN, "init_from": str(tmp_path / "missing.pth")}))
