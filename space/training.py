@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -502,7 +503,8 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str,
     or misbehave at the first step), or of other parameters."""
     probe = torch.zeros(1, requires_grad=True)
     probe.grad = torch.zeros(1)
-    fresh = type(optimizer)([probe], **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key its constructor does not take
+    fresh = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     fresh.step()
     expected = set(fresh.state[probe])
     for index, held in state.get("state", {}).items():

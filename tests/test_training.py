@@ -543,3 +543,16 @@ def test_init_from_enters_the_run_id_by_the_file_content(tmp_path):
     assert len({run_id(model, plain), first, second}) == 3
     with pytest.raises(TrainingError, match="train.init_from: cannot read .*missing.pth"):
         run_id(model, TrainConfig(**{**TINY_TRAIN, "init_from": str(tmp_path / "missing.pth")}))
+
+
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD", "AdamW"])
+def test_every_optimiser_accepts_its_own_state_for_init_from(name):
+    from space.config import OPTIMIZERS
+    from space.training import _check_optimizer_state
+
+    assert name in OPTIMIZERS
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = getattr(torch.optim, name)([weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    _check_optimizer_state(optimizer, optimizer.state_dict(), "file", name, "fg")
