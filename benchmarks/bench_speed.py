@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 in the subprocesses")
     parser.add_argument("--malloc", choices=["default", "heap"], default="default",
                         help="heap: the subprocesses keep freed memory (space.allocator, as the train stage on CPU)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the step times then synchronise)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the step times then synchronise) or auto (CUDA when present)")
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,7 +223,8 @@ def main() -> None:
     from space.evaluation import resolve_device
 
     try:
-        resolve_device(args.device)  # here first: a device that is not there fails in one line, not in a worker
+        # here first: a device that is not there fails in one line, not in a worker; 'auto' becomes the one it picks
+        args.device = str(resolve_device(args.device))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"batch {args.batch}, 128 x 128 (params.yaml experiments: their own), torch threads {args.threads}, median of {args.steps} steps after "

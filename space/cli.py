@@ -34,7 +34,9 @@ def stage_main(description: str, main: Callable[[argparse.Namespace], None]) -> 
     try:
         main(args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
-        print(f"error: [{args.experiment}] {error}", file=sys.stderr)
+        # Library messages name `<experiment>` where a command needs it; here it is known.
+        print(f"error: [{args.experiment}] {str(error).replace('@<experiment>', '@' + args.experiment)}",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"error: [{args.experiment}] interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -146,10 +147,27 @@ def load_experiment(params: Mapping[str, Any] | str | Path, name: str) -> Experi
                 _bad(where, value, "a mapping of keys to values")
     if entry.get("pretrained") is not None and not isinstance(entry["pretrained"], str):
         _bad(f"exp.{name}.pretrained", entry["pretrained"], "null or the path of a checkpoint file")
-    data = from_dict(DataConfig, entry.get("data"), f"exp.{name}.data")
-    model = from_dict(ModelConfig, _overridden(entry, params, "model"), f"exp.{name}.model")
-    train = from_dict(TrainConfig, _overridden(entry, params, "train"), f"exp.{name}.train")
+    data = _section_config(DataConfig, entry.get("data"), params, name, "data")
+    model = _section_config(ModelConfig, _overridden(entry, params, "model"), params, name, "model")
+    train = _section_config(TrainConfig, _overridden(entry, params, "train"), params, name, "train")
     return Experiment(name, data, model, train, entry.get("pretrained"))
+
+
+def _section_config(cls: type, values: Mapping[str, Any] | None, params: Mapping[str, Any], name: str, section: str):
+    """``from_dict`` for one section of experiment ``name``: a value refused is named where it is set
+    in params.yaml, under ``exp.<name>`` or in the top-level section that overrides every experiment."""
+    try:
+        return from_dict(cls, values, f"exp.{name}.{section}")
+    except ValueError as error:
+        message = str(error)
+        found = re.match(rf"invalid value for '{section}\.(\w+)'", message)
+        if found is None:
+            raise
+        key = found.group(1)
+        overridden = section != "data" and (params.get(section) or {}).get(key) is not None
+        where = (f"the top-level '{section}.{key}' of params.yaml (set for every experiment)" if overridden
+                 else f"'exp.{name}.{section}.{key}'")
+        raise ValueError(f"invalid value for {where}{message[found.end():]}") from None
 
 
 TRAIN_KEYS = frozenset(field.name for field in dataclasses.fields(TrainConfig))

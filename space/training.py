@@ -650,7 +650,8 @@ class Trainer:
         self._restore_rng(resume, ckpt["global_step"])
         self.resumed_from = path
         self.last_saved = ckpt["global_step"]
-        log.info("resumed from %s at step %d", path, self.position.step)
+        if env.is_main:
+            log.info("resumed from %s at step %d", path, self.position.step)
 
     def _start_from(self, path: str) -> None:
         """``train.init_from``, as the original's resume_ckpt (SPEC 8.4): the file's weights, and where

@@ -53,6 +53,10 @@ def import_pretrained(exp) -> space.Space:
     original-format file carries none and takes the experiment's ``model`` settings, which DVC
     tracks (the five original experiments of params.yaml hold the original's values)."""
     path = exp.pretrained
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"exp.{exp.name}.pretrained: no file {path}. `python -m space.fetch pretrained` puts "
+                                f"the original's five models in pretrained/ (offline: put pretrained.tar.gz there "
+                                f"first; README \"Pretrained checkpoints\")")
     ckpt = read_checkpoint(path)
     ours = "config" in ckpt
     model = space.Space(checkpoint_configs(ckpt, path)[0] if ours else exp.model)

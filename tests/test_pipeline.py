@@ -124,6 +124,10 @@ def test_a_pretrained_file_that_does_not_fit_the_experiment_is_named(tmp_path):
     assert "pretrained/ours.pth was trained with other model settings than exp.3d_room_small.model, and is " \
            "evaluated with its own: K 3 (exp.3d_room_small.model: 5)" in result.stderr
     assert space.load(tmp_path / "models" / "3d_room_small.pth").cfg.K == 3
+    result = train_stage(pretrained="pretrained/nothing_here.pth")
+    assert result.returncode == 1
+    assert "exp.3d_room_small.pretrained: no file pretrained/nothing_here.pth. `python -m space.fetch pretrained`" \
+        in result.stderr
     result = train_stage(original="3d_room_small")
     assert result.returncode == 1 and "exp.3d_room_small.original is no longer read" in result.stderr
     del entry["original"]
@@ -239,8 +243,16 @@ def test_unknown_experiment_and_key_give_one_clear_error(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
     result = run_stage("train", "rooms", tmp_path, bad)
-    assert result.returncode == 1 and "invalid value for 'model.G': 5; allowed: one of (4, 8, 16)" in result.stderr
+    assert result.returncode == 1 and "invalid value for 'exp.rooms.model.G': 5; allowed: one of (4, 8, 16)" in result.stderr
     assert not (tmp_path / "models").exists()
+    # A value from the top-level section, which overrides every experiment, is named there.
+    params["exp"]["rooms"]["model"]["G"] = 8
+    params["train"]["seed"] = "two"
+    bad.write_text(yaml.safe_dump(params))
+    result = run_stage("train", "rooms", tmp_path, bad)
+    assert result.returncode == 1
+    assert ("invalid value for the top-level 'train.seed' of params.yaml (set for every experiment): 'two'; "
+            "allowed: a value of type int") in result.stderr
 
 
 def test_two_experiments_at_once_do_not_corrupt_each_other(tmp_path):
@@ -793,3 +805,16 @@ def test_ctrl_c_while_a_stage_imports_prints_one_line():
             "import stages, os; os.kill(os.getpid(), signal.SIGINT); import torch; print('not interrupted')")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stderr, result.stdout) == (130, "error: interrupted\n", "")
+
+
+def test_a_stage_error_names_the_experiment_in_the_command_it_suggests(monkeypatch, capsys):
+    from space.cli import stage_main
+
+    def main(args):
+        raise ValueError("restore it (`dvc repro --force data@<experiment>` makes it again)")
+
+    monkeypatch.setattr(sys, "argv", ["stages.data", "rooms"])
+    with pytest.raises(SystemExit) as exit_:
+        stage_main("test", main)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == "error: [rooms] restore it (`dvc repro --force data@rooms` makes it again)\n"
