@@ -497,21 +497,36 @@ class _Position:
         return self.epoch - 1 if self.batch == 0 and self.epoch > 0 else self.epoch
 
 
+#: Param-group keys newer than the original's torch 1.3, which torch fills in when a file lacks them.
+_NEWER_GROUP_KEYS = frozenset({"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay",
+                               "param_names"})
+
+
 def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any], source: str, configured: str,
                            name: str) -> None:
     """Refuse an optimiser state of another kind than ``optimizer`` (torch would load it, and fail
-    or misbehave at the first step), or of other parameters."""
+    or misbehave at the first step), or of other parameters. The kind shows in each parameter's
+    state and in the param groups' settings; Adam and AdamW differ only in decoupled_weight_decay."""
     probe = torch.zeros(1, requires_grad=True)
     probe.grad = torch.zeros(1)
     accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key its constructor does not take
     fresh = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     fresh.step()
     expected = set(fresh.state[probe])
+    remedy = f"set train.{name}_optim (and its learning rate) to what the file was trained with"
     for index, held in state.get("state", {}).items():
         if set(held) != expected:
             raise CheckpointError(f"{source} holds {sorted(held)} for parameter {index}, where train.{name}_optim = "
-                                  f"{configured} keeps {sorted(expected)}: set train.{name}_optim (and its learning "
-                                  f"rate) to what the file was trained with")
+                                  f"{configured} keeps {sorted(expected)}: {remedy}")
+    settings = set(fresh.param_groups[0]) - {"params"}
+    for group in state.get("param_groups", []):
+        held = set(group) - {"params"}
+        decoupled = group.get("decoupled_weight_decay", fresh.param_groups[0].get("decoupled_weight_decay"))
+        if held - _NEWER_GROUP_KEYS != settings - _NEWER_GROUP_KEYS or \
+                decoupled != fresh.param_groups[0].get("decoupled_weight_decay"):
+            shown = sorted(held - _NEWER_GROUP_KEYS) + (["decoupled_weight_decay"] if decoupled else [])
+            raise CheckpointError(f"{source} holds the settings {shown}, where train.{name}_optim = {configured} has "
+                                  f"{sorted(settings - _NEWER_GROUP_KEYS)}: {remedy}")
     groups = state.get("param_groups", [])
     sizes, ours = [len(group.get("params", ())) for group in groups], [len(g["params"]) for g in optimizer.param_groups]
     if sizes != ours:
@@ -676,17 +691,21 @@ class Trainer:
         if not (all(isinstance(state, dict) for state in states) and isinstance(step, int)):
             if env.is_main:
                 log.info("train.init_from: the weights of %s, with fresh optimisers from step 0 (it holds no "
-                         "optimiser states and global_step to go on from)", path)
+                         "optimiser states, or no global_step, to go on from)", path)
             return
         if step + 1 > self.cfg.max_steps:
             raise TrainingError(f"train.init_from: {path} was saved at step {step}, and train.max_steps is "
                                 f"{self.cfg.max_steps}: raise max_steps to train on from it")
+        epoch = ckpt.get("epoch")
+        epoch = epoch if isinstance(epoch, int) and epoch >= 0 else 0
+        if epoch >= self.cfg.max_epochs:
+            raise TrainingError(f"train.init_from: {path} was saved in epoch {epoch} (counted from 0), and "
+                                f"train.max_epochs is {self.cfg.max_epochs}: raise max_epochs to train on from it")
         for optimizer, state, name in zip(self.optimizers, states, ("fg", "bg")):
             _check_optimizer_state(optimizer, state, f"{path}: optimizer_{name}",
                                    getattr(self.cfg, f"{name}_optim"), name)
             optimizer.load_state_dict(state)
-        epoch = ckpt.get("epoch")
-        self.position = _Position(step + 1, epoch if isinstance(epoch, int) and epoch >= 0 else 0, 0)
+        self.position = _Position(step + 1, epoch, 0)
         if env.is_main:
             log.info("train.init_from: the weights and optimiser states of %s, going on at step %d (epoch %d)",
                      path, self.position.step, self.position.epoch)
@@ -748,9 +767,10 @@ class Trainer:
     def _maybe_save_best(self, metrics: Mapping[str, Any], step: int, position: _Position) -> None:
         name = self.cfg.best_metric
         value = metrics.get(name)
-        if step == 0:
-            return  # the initial weights are no trained model: a run whose foreground collapsed must
-            # not hand them on as its best (its later checkpoints then carry the bg_failure verdict)
+        if step == 0 and self.initialised_from is None:
+            return  # seeded initial weights are no trained model: a run whose foreground collapsed must
+            # not hand them on as its best (its later checkpoints then carry the bg_failure verdict);
+            # weights from train.init_from may be the best this run sees
         if value is None or not math.isfinite(value):
             return  # never let a NaN or missing value replace the best (the original did)
         higher = BEST_METRICS[name]

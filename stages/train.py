@@ -101,6 +101,9 @@ def main(args):
         raise ValueError(f"exp.{exp.name}.pretrained ({exp.pretrained}) and train.init_from ({exp.train.init_from}) are "
                          f"both set: pretrained evaluates a file without training, init_from trains on from one; "
                          f"set one of them")
+    if exp.train.init_from and Path(exp.train.init_from).resolve() == out.resolve():
+        raise ValueError(f"train.init_from is {exp.train.init_from}, this stage's own output, which DVC deletes before "
+                         f"running the stage: copy it elsewhere first and set train.init_from to the copy")
     if exp.pretrained:  # evaluate and demo a published checkpoint without training
         if env.is_main:
             model = import_pretrained(exp)

@@ -172,6 +172,13 @@ def test_train_init_from_goes_on_from_an_original_checkpoint(tmp_path):
     result = run_stage("train", "3d_room_small", tmp_path, params_path)
     assert result.returncode == 1
     assert "exp.3d_room_small.pretrained (pretrained/3d_room_small.pth) and train.init_from" in result.stderr
+    # The stage's own output: DVC deletes it before the stage runs.
+    params["exp"]["3d_room_small"]["pretrained"] = None
+    params["train"]["init_from"] = "models/3d_room_small.pth"
+    params_path.write_text(yaml.safe_dump(params))
+    result = run_stage("train", "3d_room_small", tmp_path, params_path)
+    assert result.returncode == 1
+    assert "train.init_from is models/3d_room_small.pth, this stage's own output, which DVC deletes" in result.stderr
 
 
 @pytest.mark.parametrize("name", ORIGINAL_NAMES)

@@ -474,7 +474,8 @@ def test_init_from_an_original_checkpoint_goes_on_at_its_step_with_its_optimiser
     cfg = TrainConfig(**{**TINY_TRAIN, "max_steps": 9, "fg_optim": "RMSprop", "fg_lr": 1e-5,
                          "init_from": str(source)})
     with caplog.at_level("INFO", logger="space.training"):
-        trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "run", progress=False)
+        trainer = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "run",
+                          plots_path=tmp_path / "plot.csv", progress=False)
     assert "going on at step 7 (epoch 1)" in caplog.text
     assert (trainer.position.step, trainer.position.epoch, trainer.position.batch) == (7, 1, 0)
     assert trainer.initialised_from == source and trainer.resumed_from is None
@@ -488,9 +489,12 @@ def test_init_from_an_original_checkpoint_goes_on_at_its_step_with_its_optimiser
             assert all(torch.equal(loaded[index][k], v) for k, v in held.items() if k != "step")
     trainer.fit()
     assert [path.name for path in find_checkpoints(tmp_path / "run")][-1] == "model_000000010.pth"
-    rows = pd.read_csv(tmp_path / "run" / "plot.csv") if (tmp_path / "run" / "plot.csv").exists() else None
-    assert rows is None or rows["step"].min() >= 7
+    assert pd.read_csv(tmp_path / "plot.csv")["step"].tolist() == [7, 8, 9]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # The loaded states went on: 2 updates in the file, 3 here (steps 7, 8 and 9).
+    for optimizer in trainer.optimizers:
+        counts = {int(held["step"]) for held in optimizer.state_dict()["state"].values()}
+        assert counts == {5}
     # The run has checkpoints of its own now: a re-run resumes from them, not from the file.
     again = Trainer(ModelConfig(**TINY_MODEL), cfg, RandomImages(), tmp_path / "run", progress=False)
     assert again.resumed_from is not None and again.initialised_from is None and again.position.step == 10
@@ -523,6 +527,14 @@ def test_init_from_refuses_another_optimiser_a_passed_step_and_other_network_wid
                                               r"train.bg_optim = RMSprop keeps \['square_avg', 'step'\]"):
         Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**base, "bg_optim": "RMSprop"}), RandomImages(),
                 tmp_path / "a", progress=False)
+    with pytest.raises(CheckpointError, match=r"optimizer_fg holds \['exp_avg', 'exp_avg_sq', 'step'\] .* "
+                                              r"train.fg_optim = AdamW keeps \['square_avg', 'step'\]|"
+                                              r"optimizer_fg holds \['square_avg', 'step'\] .* train.fg_optim = AdamW"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**base, "fg_optim": "AdamW"}), RandomImages(),
+                tmp_path / "a2", progress=False)
+    with pytest.raises(TrainingError, match="saved in epoch 1 .counted from 0., and train.max_epochs is 1"):
+        Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**base, "max_epochs": 1}), RandomImages(), tmp_path / "e",
+                progress=False)
     with pytest.raises(TrainingError, match="saved at step 6, and train.max_steps is 6: raise max_steps"):
         Trainer(ModelConfig(**TINY_MODEL), TrainConfig(**{**base, "max_steps": 6}), RandomImages(), tmp_path / "b",
                 progress=False)
@@ -543,6 +555,24 @@ def test_init_from_enters_the_run_id_by_the_file_content(tmp_path):
     assert len({run_id(model, plain), first, second}) == 3
     with pytest.raises(TrainingError, match="train.init_from: cannot read .*missing.pth"):
         run_id(model, TrainConfig(**{**TINY_TRAIN, "init_from": str(tmp_path / "missing.pth")}))
+
+
+@pytest.mark.parametrize("saved, configured", [("AdamW", "Adam"), ("Adam", "AdamW"), ("SGD", "Adam"),
+                                               ("SGD", "RMSprop"), ("RMSprop", "SGD")])
+def test_init_from_refuses_an_optimiser_state_of_another_kind(saved, configured):
+    """Adam and AdamW keep the same per-parameter state, and SGD without momentum keeps none: their
+    settings tell them apart (loaded regardless, torch trained on as the file's kind, or failed at
+    the first step with a KeyError)."""
+    from space.checkpoint import CheckpointError
+    from space.training import _check_optimizer_state
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    file = getattr(torch.optim, saved)([weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    file.step()
+    mine = getattr(torch.optim, configured)([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    with pytest.raises(CheckpointError, match=f"train.fg_optim = {configured} (keeps|has) .*: set train.fg_optim"):
+        _check_optimizer_state(mine, file.state_dict(), "file: optimizer_fg", configured, "fg")
 
 
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "SGD", "AdamW"])
