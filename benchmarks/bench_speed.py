@@ -196,7 +196,8 @@ def main() -> None:
     parser.add_argument("--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 in the subprocesses")
     parser.add_argument("--malloc", choices=["default", "heap"], default="default",
                         help="heap: the subprocesses keep freed memory (space.allocator, as the train stage on CPU)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the step times then synchronise) or auto (CUDA when present)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:N (the step times then synchronise) or auto (CUDA when present)")
     parser.add_argument("--json", type=Path, help="also write all measurements here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()

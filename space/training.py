@@ -509,7 +509,8 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str,
     state and in the param groups' settings; Adam and AdamW differ only in decoupled_weight_decay."""
     probe = torch.zeros(1, requires_grad=True)
     probe.grad = torch.zeros(1)
-    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold a key its constructor does not take
+    # AdamW's defaults hold a key its constructor does not take
+    accepted = inspect.signature(type(optimizer)).parameters
     fresh = type(optimizer)([probe], **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     fresh.step()
     expected = set(fresh.state[probe])

@@ -98,9 +98,9 @@ def main(args):
     out, curves = Path(f"models/{exp.name}.pth"), Path(f"plots/train/{exp.name}.csv")
     env = dist_env()
     if exp.pretrained and exp.train.init_from:
-        raise ValueError(f"exp.{exp.name}.pretrained ({exp.pretrained}) and train.init_from ({exp.train.init_from}) are "
-                         f"both set: pretrained evaluates a file without training, init_from trains on from one; "
-                         f"set one of them")
+        raise ValueError(f"exp.{exp.name}.pretrained ({exp.pretrained}) and train.init_from "
+                         f"({exp.train.init_from}) are both set: pretrained evaluates a file without training, "
+                         f"init_from trains on from one; set one of them")
     if exp.train.init_from and Path(exp.train.init_from).resolve() == out.resolve():
         raise ValueError(f"train.init_from is {exp.train.init_from}, this stage's own output, which DVC deletes before "
                          f"running the stage: copy it elsewhere first and set train.init_from to the copy")

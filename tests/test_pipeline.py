@@ -250,7 +250,8 @@ def test_unknown_experiment_and_key_give_one_clear_error(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(params))
     result = run_stage("train", "rooms", tmp_path, bad)
-    assert result.returncode == 1 and "invalid value for 'exp.rooms.model.G': 5; allowed: one of (4, 8, 16)" in result.stderr
+    assert result.returncode == 1
+    assert "invalid value for 'exp.rooms.model.G': 5; allowed: one of (4, 8, 16)" in result.stderr
     assert not (tmp_path / "models").exists()
     # A value from the top-level section, which overrides every experiment, is named there.
     params["exp"]["rooms"]["model"]["G"] = 8
