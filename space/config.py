@@ -273,8 +273,17 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class InvalidValue(ValueError):
+    """A setting's value refused: ``key`` as the config names it, the ``value`` and what is ``allowed``,
+    so that a caller that knows where in params.yaml the value came from can say so."""
+
+    def __init__(self, key: str, value: Any, allowed: str, where: str | None = None):
+        super().__init__(f"invalid value for {where or repr(key)}: {value!r}; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
 def _bad(key: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"invalid value for '{key}': {value!r}; allowed: {allowed}")
+    raise InvalidValue(key, value, allowed)
 
 
 def _check_types(cfg: Any) -> None:

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,7 +28,8 @@ from typing import Any, Mapping
 from torch.utils.data import Dataset
 
 from .io import lock_exclusive, write_json
-from .config import GLOBAL_MODEL_KEYS, ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number, load_params
+from .config import (GLOBAL_MODEL_KEYS, InvalidValue, ModelConfig, TrainConfig, _bad, from_dict, is_int, is_number,
+                     load_params)
 from .data.ale import GAME_MARKER
 from .data.download import DEFAULT_ARCHIVE_DIR, SPLITS
 
@@ -158,16 +158,15 @@ def _section_config(cls: type, values: Mapping[str, Any] | None, params: Mapping
     in params.yaml, under ``exp.<name>`` or in the top-level section that overrides every experiment."""
     try:
         return from_dict(cls, values, f"exp.{name}.{section}")
-    except ValueError as error:
-        message = str(error)
-        found = re.match(rf"invalid value for '{section}\.(\w+)'", message)
-        if found is None:
+    except InvalidValue as error:
+        prefix, key = f"{section}.", error.key
+        if not key.startswith(prefix):
             raise
-        key = found.group(1)
+        key = key[len(prefix):]
         overridden = section != "data" and (params.get(section) or {}).get(key) is not None
         where = (f"the top-level '{section}.{key}' of params.yaml (set for every experiment)" if overridden
                  else f"'exp.{name}.{section}.{key}'")
-        raise ValueError(f"invalid value for {where}{message[found.end():]}") from None
+        raise InvalidValue(error.key, error.value, error.allowed, where) from None
 
 
 TRAIN_KEYS = frozenset(field.name for field in dataclasses.fields(TrainConfig))
